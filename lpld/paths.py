@@ -32,13 +32,17 @@ def artifacts_root(cfg: DictConfig) -> Path:
 
 
 def teacher_key(cfg: DictConfig) -> str:
-    """Identity of the teacher: model name, plus a tag for published / external weights."""
+    """Identity of the teacher: model name, plus a tag for published / external weights, plus
+    ``-s<teacher_seed>`` for a teacher trained with a non-zero ``teacher_seed``."""
     name = str(cfg.model.name)
     tag = _get(cfg, "model.tag")
     if tag:
-        return f"{name}-{tag}"
-    if _get(cfg, "model.pretrained", False):
+        name = f"{name}-{tag}"
+    elif _get(cfg, "model.pretrained", False):
         return f"{name}-pretrained"
+    tseed = int(_get(cfg, "teacher_seed", 0) or 0)
+    if tseed and not _get(cfg, "model.checkpoint"):
+        name = f"{name}-s{tseed}"
     return name
 
 

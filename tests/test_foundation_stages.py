@@ -9,7 +9,7 @@ from conftest import REPO, compose_cfg, tiny_overrides, write_image_tree
 
 from lpld import paths
 from lpld.core.io import atomic_torch_save, fingerprint_state_dict
-from lpld.stages import ConfigError, dispatch
+from lpld.stages import ConfigError, dispatch, run_stage
 
 
 def save_random_teacher(cfg) -> str:
@@ -78,6 +78,29 @@ def test_squeeze_resumes_after_interruption(tmp_path, monkeypatch):
     dispatch(cfg)
     assert Count.epochs == [1, 2]  # resumed, did not start over
     assert torch.load(paths.teacher_weights_path(cfg), weights_only=True)["epochs"] == 3
+
+
+def test_teacher_is_shared_across_run_seeds(tmp_path):
+    """`seed` varies the distilled data and students, not the teacher: seed=1 reuses the seed-0 teacher
+    (a multi-seed sweep must not trip the teacher fingerprint); teacher_seed=1 trains its own, elsewhere."""
+    root = write_image_tree(tmp_path / "data", n_classes=4, per_class=6)
+    base = ["stage=squeeze", *tiny_overrides(tmp_path, root), "stage.epochs=1", "stage.batch_size=8"]
+    cfg0 = compose_cfg(base)
+    dispatch(cfg0)
+    w0 = paths.teacher_weights_path(cfg0)
+    before = w0.read_bytes()
+    cfg_s1 = compose_cfg(base + ["seed=1"])
+    assert paths.teacher_weights_path(cfg_s1) == w0
+    assert run_stage(cfg_s1).get("reused") is True
+    assert w0.read_bytes() == before
+    cfg_t1 = compose_cfg(base + ["teacher_seed=1"])
+    w1 = paths.teacher_weights_path(cfg_t1)
+    assert w1 != w0 and paths.teacher_key(cfg_t1).endswith("-s1")
+    dispatch(cfg_t1)
+    s0 = torch.load(w0, weights_only=True)["state_dict"]
+    s1 = torch.load(w1, weights_only=True)["state_dict"]
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0 if s0[k].is_floating_point())
+    assert w0.read_bytes() == before
 
 
 def test_stats_ddp_two_processes_equal_one(tmp_path):

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,13 +45,19 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
-def dispatch(cfg: DictConfig) -> float | None:
-    """Import and run the stage named by ``cfg.stage.name``."""
+def run_stage(cfg: DictConfig) -> Any:
+    """Import and run the stage named by ``cfg.stage.name``; return what the stage returns
+    (e.g. relabel's ``{"path": ...}``, which the pipeline hands to the student)."""
     name = str(cfg.stage.name)
     if name not in STAGES:
         valid = "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items())
         raise ConfigError(f"unknown stage '{name}'. Valid stages (stage=<name>):\n{valid}")
     seed_everything(int(cfg.seed))
     module = importlib.import_module(f"lpld.stages.{name}")
-    out = module.run(cfg)
+    return module.run(cfg)
+
+
+def dispatch(cfg: DictConfig) -> float | None:
+    """``run_stage`` for ``@hydra.main``: only a float result is returned (what Hydra sweepers optimise)."""
+    out = run_stage(cfg)
     return out if isinstance(out, float) else None

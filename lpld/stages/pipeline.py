@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lpld import paths
-from lpld.stages import dispatch
+from lpld.stages import run_stage
 
 log = logging.getLogger("lpld")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -60,7 +60,7 @@ class Pipeline:
         sub = compose_step(self.base, [f"stage={name}", *choices, *self.steps.get(name, [])])
         log.info("[pipeline] %s", label)
         t0 = time.perf_counter()
-        out = dispatch(sub)
+        out = run_stage(sub)
         self.timings.append((label, time.perf_counter() - t0))
         return out
 

@@ -43,13 +43,19 @@ def squeeze_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def teacher_seed(cfg: DictConfig) -> int:
+    """The teacher's training seed: ``teacher_seed`` (not the run's ``seed``, so every seed of a sweep
+    shares one teacher; a config without the key falls back to ``seed``)."""
+    return int(cfg.get("teacher_seed", cfg.seed))
+
+
 def teacher_config_fingerprint(cfg: DictConfig) -> str:
-    """What a finished teacher was trained from (dataset, model, recipe, seed)."""
+    """What a finished teacher was trained from (dataset, model, recipe, teacher_seed)."""
     # The dataset's identity, not its root (moving the data must not retrain) nor the recipes of
     # later stages (a student recipe change must not invalidate the teacher).
     ds = {k: v for k, v in to_container(cfg.dataset).items() if k not in ("recipe", "root", "download")}
     return fingerprint_obj(
-        {"dataset": ds, "model": to_container(cfg.model), "optim": squeeze_settings(cfg), "seed": int(cfg.seed)}
+        {"dataset": ds, "model": to_container(cfg.model), "optim": squeeze_settings(cfg), "seed": teacher_seed(cfg)}
     )
 
 
@@ -78,11 +84,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     st = squeeze_settings(cfg)
     spec = dataset_spec(cfg)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    L.seed_everything(teacher_seed(cfg), workers=True, verbose=False)
     train = build_dataset(cfg.dataset, "train", transform=train_transform(cfg.dataset))
     val = build_dataset(cfg.dataset, "val", transform=eval_transform(cfg.dataset))
     nw = num_workers(cfg)
-    g = torch.Generator().manual_seed(int(cfg.seed))
+    g = torch.Generator().manual_seed(teacher_seed(cfg))
     train_dl = DataLoader(
         train,
         batch_size=st["batch_size"],
@@ -102,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         optim=st,
         label_smoothing=st["label_smoothing"],
         out_path=str(weights),
-        meta={"dataset": spec.name, "config_fingerprint": cfg_fp, "seed": int(cfg.seed)},
+        meta={"dataset": spec.name, "config_fingerprint": cfg_fp, "seed": teacher_seed(cfg)},
     )
     ckpt = ModelCheckpoint(
         dirpath=str(out_dir),
