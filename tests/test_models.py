@@ -178,7 +178,7 @@ def test_first_conv_takes_in_chans(name):
     assert first.in_channels == 1
 
 
-@pytest.mark.parametrize("container", ["raw", "state_dict", "model", "lightning", "ddp", "module_obj"])
+@pytest.mark.parametrize("container", ["raw", "state_dict", "model", "lightning", "ddp", "safetensors"])
 def test_checkpoint_round_trip(tmp_path, container):
     torch.manual_seed(0)
     src = build_model(cfg("convnet", width=8), 3, 1, 28)
@@ -192,10 +192,16 @@ def test_checkpoint_round_trip(tmp_path, container):
         "model": {"model": sd, "fingerprint": "abc"},
         "lightning": {"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "criterion.w": torch.ones(1)}},
         "ddp": {f"module.{k}": v for k, v in sd.items()},
-        "module_obj": src,
+        "safetensors": sd,
     }[container]
-    path = tmp_path / "teacher.pt"
-    torch.save(payload, path)
+    if container == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "teacher.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        path = tmp_path / "teacher.pt"
+        torch.save(payload, path)
     torch.manual_seed(123)  # a different init, so equality can only come from the checkpoint
     dst = build_model(cfg("convnet", width=8, checkpoint=str(path)), 3, 1, 28).eval()
     x = torch.randn(2, 1, 28, 28)

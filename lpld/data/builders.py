@@ -81,10 +81,50 @@ _CIFAR = {
 }
 
 
-def _unpickle(path: Path) -> dict:
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for torchvision's CIFAR python batches that can only rebuild numpy arrays and builtins.
+
+    torchvision's CIFAR format is a pickle, so reading it means unpickling; a plain ``pickle.load`` would run
+    any code a tampered file names. Only the globals a CIFAR batch needs are resolved (numpy's array
+    reconstruction, and ``_codecs.encode`` that protocol-2 pickles use for bytes); any other is refused.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references the Python global {module}.{name}")
+
+
+def _unpickle(path: Path, kind: str = "cifar10") -> dict:
     # the CIFAR python batches are python-2 pickles; latin1 keeps their byte strings intact.
-    with open(path, "rb") as f:
-        obj = pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise dataset_error(
+            kind,
+            f"{path} is not a CIFAR python batch ({e}); lpld only unpickles numpy arrays and plain containers "
+            "from CIFAR files, since a pickle can run code",
+            "replace the folder with torchvision's CIFAR download (delete it and set dataset.download=true)",
+        ) from e
+    if not isinstance(obj, dict):
+        raise dataset_error(
+            kind,
+            f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict",
+            "replace the folder with torchvision's CIFAR download (delete it and set dataset.download=true)",
+        )
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
@@ -110,10 +150,10 @@ def build_cifar(ds_cfg: Any, split: Split) -> Built:
             f"missing {', '.join(missing)} in {folder}",
             "set dataset.root=/path (the directory holding " + spec["folder"] + "/), or dataset.download=true",
         )
-    classes = [str(c) for c in _unpickle(folder / meta_name)[names_key]]
+    classes = [str(c) for c in _unpickle(folder / meta_name, kind)[names_key]]
     data, labels = [], []
     for name in spec[split]:
-        batch = _unpickle(folder / name)
+        batch = _unpickle(folder / name, kind)
         data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels += [int(v) for v in batch[spec["labels"]]]
     return TensorImageDataset(torch.from_numpy(np.concatenate(data)), labels, classes)

@@ -1,9 +1,15 @@
 """Loading a local weight file (``model.checkpoint=PATH``) into a registry model.
 
-Accepted file contents (anything written by ``torch.save``):
-    * a raw state dict ``{param_name: Tensor}``;
-    * a dict holding the state dict under ``"state_dict"`` (Lightning ``.ckpt``) or ``"model"``;
-    * a whole pickled ``nn.Module``.
+Accepted files:
+    * ``.safetensors`` (no code can run while reading it);
+    * a ``torch.save`` file that the weights-only loader accepts: a raw state dict ``{param_name: Tensor}``,
+      or a dict holding it under ``"state_dict"`` (Lightning ``.ckpt`` with plain hyper-parameters) or ``"model"``.
+
+Security stance: a pickle can run arbitrary code while it is read, and users download teachers. lpld therefore
+never unpickles arbitrary objects (no ``weights_only=False`` fallback anywhere). A file the weights-only loader
+refuses (a pickled ``nn.Module``, a checkpoint pickling custom classes) is refused with a message naming the
+explicit, opt-in conversion for a file the user trusts: ``python -m lpld.models.convert_checkpoint IN OUT --trust``.
+
 Wrapper prefixes are removed when the model itself has no such prefix: ``model.`` (a LightningModule
 holding the network as ``self.model``; keys of other submodules are dropped), ``module.`` (DDP) and
 ``_orig_mod.`` (``torch.compile``).
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,13 +41,42 @@ def _is_state_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _load_file(path: Path) -> object:
+class UnsafeCheckpointError(ModelCheckpointError):
+    """The file needs the full unpickler (which can run code); lpld refuses it and names the conversion."""
+
+
+def conversion_hint(path: Path) -> str:
+    """The command that converts a *trusted* legacy pickle into a safetensors weights file."""
+    out = path.with_name(path.stem + ".safetensors")
+    return (
+        f"If you trust this file, convert it once with `python -m lpld.models.convert_checkpoint "
+        f"{shlex.quote(str(path))} {shlex.quote(str(out))} --trust` and set model.checkpoint={out}"
+    )
+
+
+def load_weights_file(path: Path) -> object:
+    """Read a weights file without ever running pickled code.
+
+    ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``, which
+    only rebuilds tensors and plain containers. Files that need more are refused (``UnsafeCheckpointError``).
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints pickle hyper-parameters (e.g. OmegaConf nodes) that the safe loader
-        # refuses; the file is a local path the user configured, so the full unpickler is acceptable.
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        # torch reports both refused globals and plain garbage as UnpicklingError: only the former is a
+        # pickle that wants to build (or run) Python objects; the latter falls through as an unreadable file.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} contains pickled Python objects ({found.group(1)}) that the weights-only loader "
+            "refuses. lpld never unpickles arbitrary objects: unpickling can run code hidden in the file. "
+            + conversion_hint(path)
+        ) from e
 
 
 def extract_state_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -102,8 +139,10 @@ def load_model_checkpoint(model: nn.Module, path: str | os.PathLike, model_desc:
             "weights file, or model.checkpoint=null to use freshly initialised / pretrained weights"
         )
     try:
-        obj = _load_file(p)
-    except Exception as e:  # any torch.load failure means the file is not a usable checkpoint
+        obj = load_weights_file(p)
+    except ModelCheckpointError:
+        raise
+    except Exception as e:  # any other read failure means the file is not a usable checkpoint
         raise ModelCheckpointError(f"could not read checkpoint {p} for model {model_desc}: {e}") from e
     target = model.state_dict()
     state = strip_wrapper_prefixes(extract_state_dict(obj, p), set(target))

@@ -74,7 +74,9 @@ def torchvision_state_dict(weights: object, model_name: str) -> dict[str, torch.
             f"{cached} is not cached. {_fix_hint()}"
         )
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu")
+        return torch.hub.load_state_dict_from_url(
+            url, progress=False, check_hash=True, map_location="cpu", weights_only=True
+        )
     except Exception as e:  # urllib / hash / unpickling errors all mean "no usable weights"
         raise PretrainedWeightsError(f"could not load weights for {model_name} from {url}: {e}. {_fix_hint()}") from e
 

@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             max_epochs=st["epochs"],
             check_val_every_n_epoch=int(cfg.stage.val_every),
         )
-        trainer.fit(module, train_dl, val_dl, ckpt_path=resume)
+        trainer.fit(module, train_dl, val_dl, ckpt_path=resume, weights_only=True)
     finally:
         finish_logger(logger)
     if trainer.interrupted or not weights.exists():

@@ -454,7 +454,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             use_distributed_sampler=False,
             check_val_every_n_epoch=val_every if val_every > 0 else st["epochs"] + 1,
         )
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
         if trainer.interrupted:
             raise RuntimeError(f"student training was interrupted; rerun the same command to resume from {last}")
         fit_s = time.perf_counter() - t0
