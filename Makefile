@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-slow lint format bench demo clean
+.PHONY: install test test-slow test-gpu lint format bench bench-gpu demo clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,9 @@ test:
 test-slow:
 	$(BIN)/python -m pytest -m "slow"
 
+test-gpu:
+	$(BIN)/python -m pytest -m gpu
+
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -25,8 +28,11 @@ format:
 bench:
 	$(BIN)/python -m lpld.bench
 
+bench-gpu:
+	$(BIN)/python -m lpld.bench --device cuda
+
 demo:
 	$(BIN)/python run.py
 
 clean:
-	rm -rf outputs multirun artifacts bench/results.json
+	rm -rf outputs multirun artifacts bench/results.json bench/results-cuda.json

@@ -8,13 +8,18 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from lpld.stages import dispatch
+from lpld.stages import dispatch, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one stage; the return value (if a float) is what Hydra sweepers optimise."""
-    return dispatch(cfg)
+    """Run one stage; the return value (if a float) is what Hydra sweepers optimise.
+
+    A user error (config, data, artifact) prints one message naming the fix and exits with status 1;
+    ``LPLD_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` shows its traceback.
+    """
+    with user_errors(cfg):
+        return dispatch(cfg)
 
 
 if __name__ == "__main__":

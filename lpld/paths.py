@@ -60,10 +60,10 @@ def teacher_weights_path(cfg: DictConfig) -> Path:
 
 
 def stats_mode(cfg: DictConfig) -> str:
-    """``exact`` or ``ema``: the stats stage's own mode, else the one recover asks for."""
-    if str(_get(cfg, "stage.name", "")) == "stats":
-        return str(_get(cfg, "stage.mode", "exact"))
-    return str(_get(cfg, "recover.stats_mode", None) or "exact")
+    """``exact``, ``official`` or ``ema`` (``lpld.data.recipe.stats_mode``: stage / recover key, else the recipe)."""
+    from lpld.data.recipe import stats_mode as resolve
+
+    return resolve(cfg)
 
 
 def stats_path(cfg: DictConfig, mode: str | None = None) -> Path:

@@ -297,7 +297,7 @@ def test_rded_keeps_the_most_confident_crops_and_tiles_them():
     real = torch.randn(12, 3, 8, 8, generator=g)
     # full-image "crops", one per image: selection must equal ranking the images by log p(class)
     imgs, scores = rded_class_images(
-        model, real, cls=2, ipc=3, seed=0, factor=1, crops_per_image=1, crop_scale=(1.0, 1.0)
+        model, real, cls=2, ipc=3, seed=0, factor=1, crops_per_image=1, crop_scale=(1.0, 1.0), style="lpld"
     )
     with torch.no_grad():
         ref_scores = F.log_softmax(model(real), 1)[:, 2]
@@ -305,7 +305,9 @@ def test_rded_keeps_the_most_confident_crops_and_tiles_them():
     assert torch.allclose(imgs, real[top], atol=1e-5)
     assert torch.allclose(scores, ref_scores[top], atol=1e-5)
     # factor 2: each image is a 2x2 mosaic of half-resolution patches, best patch top-left of image 0
-    imgs2, _ = rded_class_images(model, real, cls=2, ipc=2, seed=0, factor=2, crops_per_image=1, crop_scale=(1.0, 1.0))
+    imgs2, _ = rded_class_images(
+        model, real, cls=2, ipc=2, seed=0, factor=2, crops_per_image=1, crop_scale=(1.0, 1.0), style="lpld"
+    )
     best = F.interpolate(real[top[:1]], size=(4, 4), mode="bilinear", antialias=True, align_corners=False)
     assert imgs2.shape == (2, 3, 8, 8) and torch.allclose(imgs2[0, :, :4, :4], best[0], atol=1e-5)
     with pytest.raises(ValueError, match="candidate"):

@@ -234,7 +234,8 @@ def test_lightning_ddp_store_equals_single_process(tmp_path):
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6)).eval()
-    imgs = augment.to_model_input(torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8), (0.5,), (0.25,))
+    u8 = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    imgs = augment.to_model_input(u8, (0.5,), (0.25,))
     spec = StoreSpec(20, 6, (8, 8), 6, 4, "2x", 0.5, "batch", QuantConfig("mr", 2), AugConfig(8), "explicit", 5)
     meta = {"images_fingerprint": "i", "teacher_fingerprint": "t"}
     ref = tmp_path / "ref"
@@ -253,7 +254,9 @@ def test_lightning_ddp_store_equals_single_process(tmp_path):
         enable_model_summary=False,
     )
     trainer.predict(
-        RelabelModule(teacher, ddp, chunk=2), datamodule=RelabelDataModule(ddp, imgs), return_predictions=False
+        RelabelModule(teacher, ddp, u8, (0.5,), (0.25,), chunk=2),
+        datamodule=RelabelDataModule(ddp, batches_per_forward=2),
+        return_predictions=False,
     )
     assert sorted(p.name for p in ddp.glob("progress.*.npy")) == ["progress.0.npy", "progress.1.npy"]
     p0, p1 = (np.load(ddp / f"progress.{r}.npy") for r in (0, 1))

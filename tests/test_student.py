@@ -131,9 +131,12 @@ def test_replay_matches_what_the_teacher_labelled(store_cfg):
 
 
 def test_dkr_and_ca_change_the_targets(store_cfg):
-    m, b, _ = _module_and_batch(store_cfg, temp_schedule="step", temp_step_size=1, temp_gamma=0.5, temp_floor=1.5)
+    over = {"temp_schedule": "step", "temp_step_size": 1, "temp_gamma": 0.5, "temp_floor": 1.5}
+    m, b, _ = _module_and_batch(store_cfg, **over, temp_epoch_base=0)
     t0, t1, t2 = (m.teacher_temperature(e) for e in (0, 1, 2))
-    assert (t0, t1, t2) == (4.0, 2.0, 1.5)  # 4 * 0.5^e floored at 1.5
+    assert (t0, t1, t2) == (4.0, 2.0, 1.5)  # 4 * 0.5^e floored at 1.5 (0-based epochs)
+    m1, _, _ = _module_and_batch(store_cfg, **over)  # default: the public code's 1-based epochs
+    assert [m1.teacher_temperature(e) for e in (0, 1)] == [2.0, 1.5]
     p0, p1 = m.targets(b, t0), m.targets(b, t1)
     want0 = torch.softmax(b.logits.float() / 4.0, 1)
     assert torch.allclose(p0, want0) and not torch.allclose(p0, p1)

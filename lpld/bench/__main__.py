@@ -1,4 +1,7 @@
-"""Run every benchmark module and write bench/results.json."""
+"""Run every benchmark module and write bench/results.json.
+
+``--device cuda`` runs the GPU suite (``lpld/bench/_cuda.py``) instead and writes bench/results-cuda.json.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     ap.add_argument("--only", nargs="*", help="module names to run (default: all)")
-    ap.add_argument("--out", default="bench/results.json")
+    ap.add_argument("--out", default=None, help="default: bench/results.json (cpu), bench/results-cuda.json (cuda)")
+    ap.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU suite (lpld/bench/_cuda.py)"
+    )
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        return _main_cuda(args)
+    args.out = args.out or "bench/results.json"
     names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
     if args.only:
         names = [n for n in names if n in args.only]
@@ -60,6 +69,42 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     print(f"\nwritten {out}")
     return 1 if failed else 0
+
+
+def _print_table(results: dict[str, float], targets: dict[str, tuple[str, float]]) -> None:
+    print(f"\n{'key':40s} {'value':>12s}  target")
+    for k, v in results.items():
+        tgt = targets.get(k)
+        mark = ""
+        if tgt:
+            ok = v <= tgt[1] if tgt[0] == "<=" else v >= tgt[1]
+            mark = f"{tgt[0]} {tgt[1]}  {'ok' if ok else 'MISSED'}"
+        print(f"{k:40s} {v:12.4g}  {mark}")
+
+
+def _main_cuda(args: argparse.Namespace) -> int:
+    """The GPU suite; without a CUDA device it stops at once (exit 2) with one message."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "lpld.bench --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False here "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine, "
+            "or run the CPU suite with `python -m lpld.bench`",
+            file=sys.stderr,
+        )
+        return 2
+    from lpld.bench import _cuda
+
+    print(f"[bench-cuda] {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr)
+    results = _cuda.run("cuda", quick=args.quick)
+    _print_table(results, _cuda.TARGETS)
+    out = Path(args.out or "bench/results-cuda.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["device_name"] = torch.cuda.get_device_name(0)  # type: ignore[assignment]
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"\nwritten {out}")
+    return 0
 
 
 if __name__ == "__main__":

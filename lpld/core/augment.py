@@ -130,6 +130,29 @@ class AugRecord:
         )
 
 
+def record_to(rec: AugRecord, device: torch.device | str, non_blocking: bool = False) -> AugRecord:
+    """A copy of ``rec`` whose per-image tensors live on ``device``; the CutMix box stays on the host.
+
+    ``apply`` slices with the box, which needs Python ints: reading them from a device tensor would
+    block the host on every batch. The per-image parts (crops, flips, partner index, Cutout boxes)
+    are what the device math reads, so they move.
+    """
+
+    def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=non_blocking)
+
+    box = None if rec.box is None else rec.box.cpu()
+    return AugRecord(
+        crops=mv(rec.crops),
+        flips=mv(rec.flips),
+        mix=rec.mix,
+        mix_index=mv(rec.mix_index),
+        lam=rec.lam,
+        box=box,
+        cutout=mv(rec.cutout),
+    )
+
+
 def batch_seed(seed: int, epoch: int, batch: int) -> int:
     """The 63-bit seed of one batch's augmentation, a pure function of (seed, epoch, batch)."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, _TAG_AUG, int(epoch), int(batch)])
@@ -228,8 +251,10 @@ def to_model_input(images_uint8: torch.Tensor, mean: tuple[float, ...], std: tup
     this function (normalizing before the crop, not after).
     """
     x = images_uint8.to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    # the constants live where the images are: a CPU (1, C, 1, 1) operand in an in-place op on a CUDA
+    # tensor is an error (only 0-dim CPU tensors may mix with device tensors)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)
 
 
@@ -307,6 +332,8 @@ def apply(images: torch.Tensor, index: torch.Tensor, rec: AugRecord, out_size: i
     out = torch.where(flips, out.flip(-1), out)
     if rec.mix == "cutmix":
         assert rec.mix_index is not None and rec.box is not None
+        # the box slices the tensor, so it is read as Python ints: keep ``rec.box`` on the host (``record_to`` does)
+        # and this costs no device sync
         y1, x1, y2, x2 = (int(v) for v in rec.box.tolist())
         partner = rec.mix_index.to(dev)
         # index_select first: mixing an index tensor with slices in one assignment takes a slow scatter path

@@ -6,6 +6,7 @@ model definition is ever copied: any torchvision/timm/own model with BatchNorm l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,25 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNo
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BN_TYPES)]
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: fp16/bf16 activations (autocast) are upcast, fp32/fp64 pass unchanged.
+
+    The stats pass records fp32/fp64 statistics and recover matches them in fp32, so whatever the
+    trainer's precision, what leaves a hook is never half precision. The cast is differentiable, so
+    recover's gradient still flows to the images.
+    """
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Disable autocast for ``device_type`` if it is on (a no-op context elsewhere, e.g. on ``meta``)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type without autocast support
+        on = False
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 class BNInputHooks:
     """Context manager: ``hooks.inputs[i]`` is the input to BN layer i from the last forward.
 
@@ -27,7 +47,9 @@ class BNInputHooks:
         on_input: optional callback ``(layer_index, x)`` called inside the hook instead of
             storing, for consumers that reduce immediately (the stats pass) to save memory.
 
-    The stored tensors keep their autograd graph (recover differentiates through them).
+    The stored tensors keep their autograd graph (recover differentiates through them). Inputs reach
+    ``inputs`` / ``on_input`` in float32 or wider (:func:`as_float32`), and ``on_input`` runs with
+    autocast disabled, so statistics are fp32/fp64 whatever the trainer's precision.
     """
 
     def __init__(self, model: nn.Module, on_input: Callable[[int, torch.Tensor], None] | None = None):
@@ -44,9 +66,10 @@ class BNInputHooks:
 
     def _make_hook(self, i: int):
         def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            x = args[0]
+            x = as_float32(args[0])
             if self._on_input is not None:
-                self._on_input(i, x)
+                with _autocast_off(x.device.type):  # the consumer's reductions run in fp32/fp64, never bf16
+                    self._on_input(i, x)
             else:
                 self.inputs[i] = x
 

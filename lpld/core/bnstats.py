@@ -10,9 +10,13 @@ momentum 0.1 and loops over classes in Python per layer per batch; here:
   running mean K (the "shifted data" algorithm): we accumulate sum(x - K) and
   sum((x - K)^2), which stay additive (so DDP ranks combine with a plain all-reduce SUM)
   while avoiding the cancellation of E[x^2] - E[x]^2 when |mean| >> std.
-* ``ema``: the official update, for ablation: for each class present in a batch,
-  ``run = (1 - m) * run + m * batch_stat`` with the unbiased batch variance (as PyTorch's
-  BatchNorm updates running_var), initialised at mean 0 / var 1 (BatchNorm's defaults).
+* ``official``: the official ``ClassAwareBatchNorm2d`` (LPLD ``recover/models/resnet_class.py``):
+  running buffers initialised at mean 0 / var 1, and for each class c present in a batch
+  ``run_c = (1 - m) * run_c + m * stat_c`` with m = 0.1 and stat_c the mean and *biased* variance
+  over the batch's images of class c and all positions. The stage feeds it RandomResizedCrop +
+  flip images in batches of 256, as the official forward pass.
+* ``ema``: the same update with the unbiased batch variance (as PyTorch's BatchNorm updates
+  running_var); lpld's earlier approximation of the official code, kept for ablation.
 
 The model's own running statistics are never modified (the model runs in eval mode).
 """
@@ -29,7 +33,8 @@ from torch import nn
 from lpld.core.bn_hooks import BNInputHooks
 from lpld.core.io import ArtifactError
 
-STATS_MODES = ("exact", "ema")
+STATS_MODES = ("exact", "official", "ema")
+EMA_MODES = ("official", "ema")  # order-dependent running updates
 
 
 def per_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -65,8 +70,8 @@ class ClasswiseBNStats:
     Args:
         model: any nn.Module with BatchNorm layers (put in eval mode by ``update``).
         num_classes: C.
-        mode: ``exact`` or ``ema`` (see module docstring).
-        momentum: EMA momentum (``ema`` mode only), 0.1 as in the official code.
+        mode: ``exact``, ``official`` or ``ema`` (see module docstring).
+        momentum: EMA momentum (``official`` / ``ema`` modes), 0.1 as in the official code.
 
     Accumulators (per BN layer l with ch_l channels), float64:
         count (C,): images seen per class, s1 (C, ch_l) = sum over images and positions of (x - K_l),
@@ -91,7 +96,7 @@ class ClasswiseBNStats:
         self.s2 = [torch.zeros(C, k.numel(), dtype=torch.float64, device=dev) for k in self.shift]
         # spatial positions per image for each layer (known after the first batch)
         self.positions = [0] * len(bns)
-        if mode == "ema":
+        if mode in EMA_MODES:
             self.run_mean = [torch.zeros(C, k.numel(), dtype=torch.float64, device=dev) for k in self.shift]
             self.run_var = [torch.ones(C, k.numel(), dtype=torch.float64, device=dev) for k in self.shift]
         self._y: torch.Tensor | None = None
@@ -135,11 +140,12 @@ class ClasswiseBNStats:
         safe = N.clamp_min(1)
         m_shift = t1 / safe
         bvar = (t2 / safe - m_shift * m_shift).clamp_min(0)
-        unbiased = bvar * N / (N - 1).clamp_min(1)
+        # official: biased variance (ClassAwareBatchNorm2d's var(unbiased=False)); ema: unbiased
+        bstat = bvar if self.mode == "official" else bvar * N / (N - 1).clamp_min(1)
         bmean = m_shift + self.shift[i].double()
         m = self.momentum
         self.run_mean[i][present] = (1 - m) * self.run_mean[i][present] + m * bmean[present]
-        self.run_var[i][present] = (1 - m) * self.run_var[i][present] + m * unbiased[present]
+        self.run_var[i][present] = (1 - m) * self.run_var[i][present] + m * bstat[present]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -175,7 +181,7 @@ class ClasswiseBNStats:
         missing = torch.nonzero(count == 0).flatten().tolist()
         means, vars_ = [], []
         for i in range(len(self.s1)):
-            if self.mode == "ema":
+            if self.mode in EMA_MODES:
                 mu, var = self.run_mean[i], self.run_var[i]
             else:
                 N = (self.count * self.positions[i])[:, None].clamp_min(1)
@@ -222,6 +228,7 @@ def load_classwise_stats(
     if expect_teacher_fingerprint is not None and fp != expect_teacher_fingerprint and not allow_other_teacher:
         raise ArtifactError(
             f"stats at {path} were made for teacher {fp}, but the current teacher is {expect_teacher_fingerprint}. "
-            "Rerun `stage=stats` for this teacher (or pass allow_other_teacher=true to use them anyway)"
+            "Rerun `python run.py stage=stats stage.overwrite=true` for this teacher, or set "
+            "recover.allow_other_teacher=true to use them anyway"
         )
     return stats

@@ -104,6 +104,54 @@ def images_fingerprint(root: str | os.PathLike, n_hex: int = 16) -> str:
     return h.hexdigest()[:n_hex]
 
 
+def file_hash(data: bytes) -> str:
+    """The per-file hash recorded in an images manifest (``file_hashes``): sha256 of the bytes, 16 hex digits."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def image_hashes(root: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: file_hash}`` of every PNG under ``root`` (the manifest's ``file_hashes``)."""
+    root = Path(root)
+    return {f.relative_to(root).as_posix(): file_hash(f.read_bytes()) for _, f in list_pngs(root)}
+
+
+def check_image_files(
+    root: str | os.PathLike, man: dict[str, Any], files: list[tuple[int, Path]], cause: BaseException | None = None
+) -> None:
+    """Name the image files that differ from the hashes recorded in the manifest (``file_hashes``).
+
+    :func:`load_distilled` calls it when decoding fails or the folder's fingerprint differs, so the
+    error names the damaged file instead of showing a decoder traceback.
+
+    Raises:
+        ArtifactError: naming the changed, missing or extra files and the command that regenerates the images;
+            or ``cause`` itself when no file differs (or the manifest predates per-file hashes).
+    """
+    root = Path(root)
+    hashes = man.get("file_hashes") or {}
+    bad: list[str] = []
+    if hashes:
+        present = set()
+        for _, f in files:
+            rel = f.relative_to(root).as_posix()
+            present.add(rel)
+            if hashes.get(rel) != file_hash(f.read_bytes()):
+                bad.append(f"{rel} ({'extra file' if rel not in hashes else 'changed or damaged'})")
+        bad += [f"{rel} (missing)" for rel in sorted(set(hashes) - present)]
+    elif cause is not None and isinstance(cause, (OSError, ValueError, SyntaxError)):
+        bad = [str(getattr(cause, "filename", None) or cause)]
+    if not bad:
+        if cause is not None:
+            raise cause
+        return
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise ArtifactError(
+        f"distilled images under {root} differ from {MANIFEST}: {shown}; regenerate them: rerun "
+        "`python run.py stage=recover` with the same overrides plus recover.overwrite=true (the old folder is "
+        "kept aside until the new one is complete)"
+    ) from cause
+
+
 def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest of an image folder, or None when there is none."""
     p = Path(root) / MANIFEST
@@ -115,6 +163,7 @@ def load_distilled(
     expect_teacher_fingerprint: str | None = None,
     allow_other_teacher: bool = False,
     verify: bool = True,
+    workers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Load a distilled dataset written by ``stage=recover``.
 
@@ -124,9 +173,11 @@ def load_distilled(
             refused unless ``allow_other_teacher``.
         allow_other_teacher: accept images whose manifest names a different teacher.
         verify: recompute the images fingerprint and compare it with the manifest.
+        workers: decoding threads (None: this node's CPUs / its ranks, at most 16).
 
     Returns:
-        images: uint8 (N, C, H, W) in class order then image order; labels: int64 (N,);
+        images: uint8 (N, C, H, W) in class order then image order, held once (never as float);
+        labels: int64 (N,);
         manifest: the parsed manifest.
 
     Raises:
@@ -147,30 +198,68 @@ def load_distilled(
         raise ArtifactError(
             f"images at {root} were synthesised with teacher {fp}, but the current teacher is "
             f"{expect_teacher_fingerprint}. Rerun `stage=recover` for this teacher, or set "
-            "<stage>.allow_other_teacher=true to use them anyway"
+            "stage.allow_other_teacher=true (e.g. `python run.py stage=student stage.allow_other_teacher=true`) "
+            "to use them anyway"
         )
     files = list_pngs(root)
     if not files:
         raise ArtifactError(f"{root} has a manifest but no PNG images; delete it and rerun `stage=recover`")
+    try:
+        images, h = _decode_all(root, files, verify, workers)
+        if verify and man.get("images_fingerprint") and h.hexdigest()[:16] != man["images_fingerprint"]:
+            raise ArtifactError(
+                f"images under {root} do not match their manifest fingerprint (files changed since recover); "
+                "rerun `stage=recover` with the same overrides plus recover.overwrite=true"
+            )
+    except (ArtifactError, OSError, ValueError, SyntaxError) as e:
+        check_image_files(root, man, files, cause=e)  # names the damaged file(s) from the per-file hashes
+    return images, torch.tensor([c for c, _ in files], dtype=torch.long), man
+
+
+def _decode_one(f: Path) -> tuple[bytes, np.ndarray]:
+    """(file bytes, decoded HWC uint8 array) of one PNG."""
+    data = f.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im)
+    arr = np.array(arr, copy=True)  # PIL's array view is read-only; torch wants a writable buffer
+    return data, arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _decode_all(
+    root: Path, files: list[tuple[int, Path]], verify: bool, workers: int | None
+) -> tuple[torch.Tensor, Any]:
+    """Decode every PNG into one preallocated uint8 (N, C, H, W) tensor; sha256 over (path, bytes) in order.
+
+    PIL releases the GIL while inflating, so a thread pool decodes in parallel (ImageNet IPC 200 is
+    200k files); results are consumed in file order, in windows, so the hash is order-exact and at
+    most one window of file bytes is held at a time. Peak host memory = the uint8 set + one window.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    # default: the CPUs of this node shared among its ranks (torchrun sets LOCAL_WORLD_SIZE), at most 16
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    n_workers = int(workers) if workers is not None else max(1, min(16, (os.cpu_count() or 1) // local))
     h = hashlib.sha256()
-    imgs, labels = [], []
-    for cls, f in files:
-        data = f.read_bytes()
-        if verify:
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(data)
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        imgs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-        labels.append(cls)
-    if verify and man.get("images_fingerprint") and h.hexdigest()[:16] != man["images_fingerprint"]:
-        raise ArtifactError(
-            f"images under {root} do not match their manifest fingerprint (files changed since recover); "
-            "delete the folder and rerun `stage=recover`"
-        )
-    shapes = {tuple(t.shape) for t in imgs}
-    if len(shapes) != 1:
-        raise ArtifactError(f"images under {root} have different shapes {sorted(shapes)}; rerun `stage=recover`")
-    return torch.stack(imgs).contiguous(), torch.tensor(labels, dtype=torch.long), man
+    out: torch.Tensor | None = None
+    shape0: tuple[int, ...] | None = None
+    window = max(64, 16 * n_workers)
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        for start in range(0, len(files), window):
+            part = files[start : start + window]
+            for j, (data, arr) in enumerate(pool.map(_decode_one, [f for _, f in part])):
+                f = part[j][1]
+                if verify:
+                    h.update(f.relative_to(root).as_posix().encode())
+                    h.update(data)
+                chw = (arr.shape[2], arr.shape[0], arr.shape[1])
+                if out is None:
+                    shape0 = chw
+                    out = torch.empty((len(files), *chw), dtype=torch.uint8)
+                if chw != shape0:
+                    raise ArtifactError(
+                        f"images under {root} have different shapes ({shape0} and {chw} at {f.name}); "
+                        "rerun `stage=recover`"
+                    )
+                out[start + j] = torch.from_numpy(arr).permute(2, 0, 1)
+    assert out is not None
+    return out, h

@@ -135,3 +135,176 @@ def ensure_free_space(directory: str | os.PathLike, needed_bytes: int, what: str
             f"{what} needs {needed_bytes / 1e6:.1f} MB at {directory} but only {free / 1e6:.1f} MB is free; "
             "free some space or point paths.artifacts at a larger volume"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# artifact locks, move-aside on overwrite, write errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+LOCK_WAIT_ENV = "LPLD_LOCK_WAIT"  # seconds a second writer waits for the lock before refusing (default 0)
+_HELD: dict[str, Any] = {}  # lock file -> open file object holding the flock (re-entrant within a process)
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file of an artifact: ``<parent>/.<name>.lock`` (beside it, so moving it aside keeps the lock)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+def _launched_rank() -> int:
+    # Ranks of one DDP run share their artifact: only the launching rank 0 locks (per-rank launchers set RANK).
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def acquire_lock(target: str | os.PathLike, what: str = "this artifact", wait_s: float | None = None) -> bool:
+    """Take the OS file lock (``fcntl.flock``) of an artifact for this process, or refuse.
+
+    Held until :func:`release_lock` or the end of the process (the OS drops it when a writer dies, even by
+    kill -9, so a lock is never stale). Re-entrant within a process; a no-op on DDP ranks other than 0.
+
+    Args:
+        target: the artifact (file or directory) about to be written.
+        what: a short name for the message ("label store", "teacher"...).
+        wait_s: seconds to wait for another holder (default ``$LPLD_LOCK_WAIT`` or 0: refuse at once).
+
+    Returns:
+        True if this call took the lock (False if it was already held by this process or rank > 0).
+
+    Raises:
+        ArtifactError: another process holds it; names its pid, host and start time and what to do.
+    """
+    import fcntl
+    import socket
+    import time
+
+    if _launched_rank() != 0:
+        return False
+    import errno
+
+    lp = lock_path(target)
+    try:
+        lp.parent.mkdir(parents=True, exist_ok=True)
+        key = str(lp.resolve())
+        if key in _HELD:
+            return False
+        f = open(lp, "a+")  # noqa: SIM115 - kept open while the lock is held
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # a read-only artifacts folder: finished artifacts are still readable there; a write, if one is
+            # needed, fails on its own with write_error's message
+            return False
+        raise
+    wait = float(os.environ.get(LOCK_WAIT_ENV, "0") or 0) if wait_s is None else float(wait_s)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.seek(0)
+                holder = f.read().strip() or "unknown process"
+                f.close()
+                raise ArtifactError(
+                    f"{what} {target} is being written by another lpld run ({holder}); nothing was changed. "
+                    "Wait for that run to finish (or stop it) and rerun this command, or set "
+                    f"{LOCK_WAIT_ENV}=<seconds> to wait for it. The OS releases the lock when that process ends."
+                ) from None
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _HELD[key] = f
+    return True
+
+
+def release_lock(target: str | os.PathLike) -> None:
+    """Release a lock taken by :func:`acquire_lock` in this process (no-op if not held)."""
+    import fcntl
+
+    lp = lock_path(target)
+    if not lp.parent.exists():
+        return
+    f = _HELD.pop(str(lp.resolve()), None)
+    if f is not None:
+        f.seek(0)
+        f.truncate()
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
+
+
+class artifact_lock:  # noqa: N801 - used as a context manager: ``with artifact_lock(path, "teacher"):``
+    """Context manager: hold an artifact's lock while writing it (see :func:`acquire_lock`)."""
+
+    def __init__(self, target: str | os.PathLike, what: str = "this artifact", wait_s: float | None = None):
+        self.target, self.what, self.wait_s = Path(target), what, wait_s
+        self._took = False
+
+    def __enter__(self) -> artifact_lock:
+        self._took = acquire_lock(self.target, self.what, self.wait_s)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._took:
+            release_lock(self.target)
+
+
+def aside_path(target: str | os.PathLike) -> Path:
+    """Where ``overwrite=true`` keeps the previous artifact until the new one is complete."""
+    target = Path(target)
+    return target.parent / f"{target.name}.replaced"
+
+
+def move_aside(target: str | os.PathLike) -> Path | None:
+    """Start an overwrite: rename ``target`` to ``<target>.replaced`` instead of deleting it.
+
+    If ``<target>.replaced`` already exists, an earlier overwrite was interrupted: it holds the last
+    artifact that was replaced, and ``target`` is that run's unfinished replacement, which is removed.
+    The old artifact is deleted only by :func:`drop_aside`, once the new one is complete.
+
+    Returns:
+        the aside path, or None when there was nothing to move.
+    """
+    target = Path(target)
+    aside = aside_path(target)
+    if not target.exists() and not target.is_symlink():
+        return aside if aside.exists() else None
+    if aside.exists():
+        remove_path(target)
+    else:
+        os.replace(target, aside)
+    return aside
+
+
+def drop_aside(target: str | os.PathLike) -> None:
+    """Finish an overwrite: delete ``<target>.replaced`` (call only once the new artifact is complete)."""
+    aside = aside_path(target)
+    if aside.exists() or aside.is_symlink():
+        remove_path(aside)
+
+
+def remove_path(p: str | os.PathLike) -> None:
+    """Delete a file, link or directory tree."""
+    p = Path(p)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+def write_error(e: OSError, where: str | os.PathLike, what: str = "this stage") -> ArtifactError | None:
+    """The user-facing ArtifactError for an OS write failure (disk full, read-only or forbidden folder), else None."""
+    import errno
+
+    if e.errno == errno.ENOSPC or e.errno == getattr(errno, "EDQUOT", -1):
+        fix = "free some space or point paths.artifacts at a larger volume"
+        return ArtifactError(
+            f"{what}: the disk holding {where} is full ({e.strerror}); {fix}, then rerun the same command"
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ArtifactError(
+            f"{what} cannot write to {where} ({e.strerror}: {e.filename or where}); make the folder writable or set "
+            "paths.artifacts=/a/writable/folder (or $LPLD_ARTIFACTS), then rerun"
+        )
+    return None

@@ -10,11 +10,15 @@ which loss is active.
   chooses a separate student temperature. Loss = KL(p || q) summed over classes and
   averaged over the batch ("batchmean"), optionally times T^2 (Hinton's gradient-scale
   correction; the public LPQLD code does this on Tiny-ImageNet only).
-* ``mse_gt`` (G-VBSM's "MSE + 0.1 x GT", LPLD Table 9 / Appendix C.4): squared L2 distance
-  between q = softmax(z / T_s) and p, summed over classes and averaged over the batch, plus
-  gamma x cross-entropy of the raw logits on the image's class label (gamma = 0.1 in the
-  paper). The distance is taken between distributions (not logits) so that it is defined
-  for every stored label format, including top-k (MR-k) stores whose other logits are gone.
+* ``mse_logits_gt`` (G-VBSM's "MSE + 0.1 x GT", LPLD Table 9 / Appendix C.4, the default of
+  ``student.loss=mse_gt``): ``F.mse_loss(z, t)`` between the student's and the stored teacher's
+  raw logits (mean over batch *and* classes), plus gamma x cross-entropy of the raw logits on
+  each image's own class (G-VBSM ``train_FKD_parallel.py``: ``--loss-type mse_gt --ce-weight 0.1``;
+  its CE ignores CutMix). It needs full stored logits (``quant=none``).
+* ``mse_gt`` (lpld's earlier variant, ``student.mse_target=probs``): squared L2 distance between
+  q = softmax(z / T_s) and p, summed over classes and averaged over the batch, plus gamma x the
+  CutMix-mixed cross-entropy; defined for every stored label format (MR-k stores included).
+  At T = 20 its gradient is ~1e-7 against ~1e-2 for the CE term, so it trains on hard labels.
 * ``ce``: cross-entropy of the raw logits on hard labels, the no-soft-label baseline. With
   CutMix the loss mixes the two images' labels with the stored area share lambda.
 """
@@ -25,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("kl", "mse_gt", "ce")
+MSE_TARGETS = ("logits", "probs")  # student.mse_target of loss=mse_gt: G-VBSM's raw logits | lpld's softmax
+SMOOTHING_SPACES = ("probs", "logits")  # student.smoothing_space: where label smoothing acts on the soft target
 
 
 def smooth_targets(probs: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,6 +46,46 @@ def smooth_targets(probs: torch.Tensor, eps: float) -> torch.Tensor:
     if eps <= 0:
         return probs
     return probs * (1.0 - eps) + eps / probs.shape[1]
+
+
+def smoothing_temperature(temperature: float, eps: float) -> float:
+    """The temperature at which logit-space smoothing equals a plain softmax.
+
+    The official ImageNet-21K student smooths the stored logits, z' = (1 - eps) z + eps / C, before
+    softmax(z' / T) (``train_FKD_label_pruning_batch.py``). The constant eps / C cancels in the softmax,
+    so softmax(z' / T) = softmax(z / (T / (1 - eps))): decoding at T / (1 - eps) reproduces it for
+    every format that keeps logits (full or top-k).
+
+    Args:
+        temperature: T of the target.
+        eps: smoothing share in [0, 1).
+
+    Returns:
+        T / (1 - eps).
+    """
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"label smoothing must lie in [0, 1), got {eps}")
+    return float(temperature) / (1.0 - float(eps))
+
+
+def mse_logits_gt(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, gamma: float = 0.1
+) -> torch.Tensor:
+    """G-VBSM's MSE + gamma x GT loss on raw logits (LPLD Table 9 "Ours+").
+
+    loss = mean_{b,c} (z_bc - t_bc)^2 + gamma * CE(z, y)
+
+    Args:
+        student_logits: (B, C) raw student outputs z.
+        teacher_logits: (B, C) stored teacher (ensemble) logits t.
+        labels: (B,) int64 class of each image (its own class, not CutMix-mixed, as G-VBSM).
+        gamma: weight of the cross-entropy term (0.1).
+
+    Returns:
+        () scalar loss.
+    """
+    z = student_logits.float()
+    return F.mse_loss(z, teacher_logits.float()) + gamma * F.cross_entropy(z, labels)
 
 
 def kd_kl(

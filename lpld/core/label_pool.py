@@ -164,10 +164,13 @@ def epoch_plan(
 
 
 def shard_plan(plan: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's share of an epoch plan under DDP: rows rank, rank + W, ...; padded by wrapping.
+    """A batch-level split of an epoch plan: rows rank, rank + W, ...; padded by wrapping.
 
-    Every rank gets ceil(n / W) batches so all ranks take the same number of optimizer steps
-    (DDP all-reduces each step); the few wrapped batches are replayed twice in that epoch.
+    Not what the student does: giving each rank whole stored batches makes the global batch W x the
+    recipe's with 1/W of the optimizer steps (and replays the wrapped batches twice). The student serves
+    the whole plan on every rank and splits each stored batch's rows instead
+    (``lpld.lit.student_module.rank_rows``), so the recipe does not change with W. Kept for callers that
+    want disjoint whole batches per rank (e.g. read-only scoring).
 
     Args:
         plan: (n,) store rows of the epoch.

@@ -37,15 +37,26 @@ order and the parameters at read time with ``lpld.core.augment`` (bit-identical:
 same seed). Reading batch i costs O(1) array slices (seed mode: plus one cached permutation
 per epoch).
 
-Integrity: ``LabelStore.open(verify="fast")`` checks every file's size, npy header and a
-sha256 over sampled 4 KiB blocks; ``verify="full"`` (and ``LabelStore.verify``) hashes every byte.
+checksums           (M, A)        uint32       checksum     CRC-32 of batch i's slice of each of the A
+                                                            arrays written per batch (``checksummed``)
+
+Integrity (format 2): every stored batch carries a CRC-32 per array it wrote, and ``LabelStore.read``
+checks them on every read, so a flipped byte anywhere in the data stops training at the first read of
+that batch, naming the batch, the file and the fix. ``LabelStore.open(verify="fast")`` checks every
+file's size and npy header, hashes the small index arrays fully and the others over sampled 4 KiB
+blocks; ``verify="full"`` (and ``LabelStore.verify``) hashes every byte (an audit). Format 1 stores
+(no per-batch checksums) are refused with the command that regenerates them.
+
+Writers: ``prepare`` takes the store's OS file lock (``lpld.core.io.acquire_lock``; a second writer is
+refused with the holder's pid and host) and keeps it until ``finalize``; ``overwrite=True`` moves the
+old store to ``<store>.replaced`` and deletes it only when the new store is finalized.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,11 +70,25 @@ from torch.utils.data import Dataset
 
 from lpld.core import augment
 from lpld.core.augment import AugConfig, AugRecord
-from lpld.core.io import ArtifactError, atomic_write_bytes, atomic_write_json, read_json
+from lpld.core.io import (
+    ArtifactError,
+    _launched_rank,
+    acquire_lock,
+    aside_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    drop_aside,
+    move_aside,
+    read_json,
+    release_lock,
+)
 from lpld.core.pruning import batches_per_epoch, select_batches
 from lpld.core.quant import QuantConfig, label_arrays
 
-FORMAT = "lpld-label-store/1"
+FORMAT = "lpld-label-store/2"
+# arrays written once by ``prepare`` (hashed fully by verify="fast"); every other array is written per batch
+# and checksummed per batch
+INDEX_ARRAYS = ("batch_ids", "row_offsets", "seeds", "checksums")
 MANIFEST = "manifest.json"
 RECORD_MODES = ("explicit", "seed")
 _SAMPLE_BLOCK = 4096
@@ -108,7 +133,8 @@ class StoreSpec:
         if self.num_images <= 0 or self.num_classes <= 1 or self.batch_size <= 0 or self.epochs <= 0:
             raise ValueError(
                 "need num_images > 0, num_classes > 1, batch_size > 0, epochs > 0; got "
-                f"{self.num_images}, {self.num_classes}, {self.batch_size}, {self.epochs}"
+                f"{self.num_images}, {self.num_classes}, {self.batch_size}, {self.epochs}; set stage.epochs and "
+                "stage.batch_size (stage=relabel) or dataset.recipe.student.epochs / batch_size to positive values"
             )
         if max(self.image_hw) > 65535:
             raise ValueError(f"image side {max(self.image_hw)} exceeds the uint16 crop coordinates (65535)")
@@ -153,6 +179,51 @@ class StoreSpec:
             record_mode=str(d["record_mode"]),
             seed=int(d["seed"]),
         )
+
+
+RATIO_WARN = 1.05  # achieved / requested compression factor beyond this: a warning, and the record says so
+# Beyond this the run is refused: a table would call e.g. a 6x store "100x". 4x, not less: tiny schedules (the
+# reduced demo: 4 stored batches at 10x keep 1 = 4x) must still run, with a warning and the achieved ratio recorded.
+RATIO_REFUSE = 4.0
+
+
+def achieved_ratio(units: int, kept: int, requested: float, name: str, what: str = "the schedule") -> dict[str, Any]:
+    """The pruning actually achieved when ``kept`` of ``units`` survive a requested ratio, checked.
+
+    Args:
+        units: stored batches (granularity batch) or epochs (granularity epoch) of the full schedule.
+        kept: how many of them are kept.
+        requested: the requested ratio r (``prune.ratio``).
+        name: its name ("100x").
+        what: what the units are, for the message.
+
+    Returns:
+        {"ratio": 1 - kept / units, "factor": units / kept, "requested_factor", "off": bool (beyond RATIO_WARN)}.
+
+    Raises:
+        ArtifactError: the achieved factor is more than RATIO_REFUSE away from the requested one (names the fix).
+    """
+    factor = units / max(1, kept)
+    want = 1.0 / (1.0 - requested)
+    off = max(factor / want, want / factor)
+    if off > RATIO_REFUSE:
+        raise ArtifactError(
+            f"prune={name} asks for {want:.1f}x but {what} has only {units} units, so keeping {kept} gives "
+            f"{factor:.1f}x; lengthen the schedule (more student epochs: stage.epochs / dataset.recipe.student.epochs, "
+            "or a smaller batch size), use prune.granularity=batch, or choose a lower ratio (e.g. prune=10x)"
+        )
+    return {"ratio": 1.0 - kept / units, "factor": factor, "requested_factor": want, "off": off > RATIO_WARN}
+
+
+def spec_achieved(spec: StoreSpec) -> dict[str, Any]:
+    """``achieved_ratio`` of a store spec (O(1): counts only)."""
+    from lpld.core.pruning import num_kept
+
+    units = spec.epochs if spec.granularity == "epoch" else spec.epochs * spec.batches_per_epoch
+    what = f"the schedule ({spec.epochs} epochs x {spec.batches_per_epoch} batches, granularity {spec.granularity})"
+    if spec.prune_ratio <= 0:
+        return {"ratio": 0.0, "factor": 1.0, "requested_factor": 1.0, "off": False}
+    return achieved_ratio(units, num_kept(units, spec.prune_ratio), spec.prune_ratio, spec.prune_name, what)
 
 
 @dataclass(frozen=True)
@@ -201,7 +272,25 @@ def array_layout(spec: StoreSpec, num_batches: int, num_rows: int) -> list[Array
             arrays.append(ArraySpec("cutout", (r, 4), np.dtype(np.uint16), "cutout_box", "row"))
     for name, (tail, dt) in label_arrays(spec.quant, spec.num_classes).items():
         arrays.append(ArraySpec(name, (r, *tail), dt, name, "row"))
+    n_sum = sum(a.name not in INDEX_ARRAYS for a in arrays)
+    arrays.append(ArraySpec("checksums", (m, n_sum), np.dtype(np.uint32), "checksum", "batch"))
     return arrays
+
+
+def checksummed(layout: Sequence[ArraySpec]) -> list[str]:
+    """Names of the arrays written per batch, in the column order of ``checksums`` (M, A)."""
+    return [a.name for a in layout if a.name not in INDEX_ARRAYS]
+
+
+def batch_slices(mm: dict[str, np.ndarray], names: Sequence[str], i: int, r0: int, r1: int) -> list[np.ndarray]:
+    """Batch i's part of each named array: rows r0:r1 of row arrays, element i of per-batch arrays (lam, box)."""
+    per_batch = ("lam", "box")
+    return [mm[n][i : i + 1] if n in per_batch else mm[n][r0:r1] for n in names]
+
+
+def crc32s(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """(A,) uint32 CRC-32 of each array's bytes (C order)."""
+    return np.array([zlib.crc32(np.ascontiguousarray(p).view(np.uint8).reshape(-1)) for p in parts], dtype=np.uint32)
 
 
 def npy_header_bytes(a: ArraySpec) -> int:
@@ -295,8 +384,16 @@ def _full_sha256(path: Path) -> str:
 
 def _refuse(path: Path, what: str) -> ArtifactError:
     return ArtifactError(
-        f"label store {path} is corrupt or truncated ({what}); delete the directory and rerun "
-        "stage=relabel with the same config (or stage=relabel stage.overwrite=true)"
+        f"label store {path} is corrupt or truncated ({what}); regenerate it: rerun `python run.py stage=relabel` "
+        "with the same overrides plus stage.overwrite=true (the damaged store is kept at "
+        f"{aside_path(path).name} until the new one is complete)"
+    )
+
+
+def _old_format(path: Path, fmt: Any) -> ArtifactError:
+    return ArtifactError(
+        f"label store {path} has format {fmt!r}, this lpld reads {FORMAT!r} (per-batch checksums); regenerate it: "
+        "rerun `python run.py stage=relabel` with the same overrides plus stage.overwrite=true"
     )
 
 
@@ -342,15 +439,23 @@ def prepare(path: str | os.PathLike, spec: StoreSpec, meta: dict[str, Any], over
 
     path = Path(path)
     ident = identity(spec, meta)
-    if (path / MANIFEST).exists():
+    spec_achieved(spec)  # refuses a ratio the schedule cannot reach, before anything is written
+    # one writer per store: a second run is refused here, before it reads a half-made store
+    acquire_lock(path, "label store")
+    if _launched_rank() != 0:
+        overwrite = False  # rank 0 of this DDP run starts the store over; the other ranks join it
+    if (path / MANIFEST).exists() and not overwrite:
         try:
             old = read_json(path / MANIFEST)
-        except ArtifactError:
-            if not overwrite:
-                raise
-            old = {}
+        except ArtifactError as e:
+            raise _refuse(path, f"{MANIFEST} is unreadable: {e.__cause__}") from e
+        if old.get("format") != FORMAT and str(old.get("format", "")).startswith("lpld-label-store/"):
+            raise _old_format(path, old.get("format"))
         if old.get("format") == FORMAT and old.get("identity") == ident:
-            return "complete" if old.get("complete") else "resume"
+            if old.get("complete"):
+                release_lock(path)  # nothing to write
+                return "complete"
+            return "resume"
         if not overwrite:
             diff = _identity_diff(old.get("identity") or {}, ident)
             raise ArtifactError(
@@ -365,7 +470,7 @@ def prepare(path: str | os.PathLike, spec: StoreSpec, meta: dict[str, Any], over
     need = predicted_bytes(spec)
     ensure_free_space(path.parent if not path.exists() else path, need, what="relabel (label store)")
     if path.exists():
-        shutil.rmtree(path)
+        move_aside(path)  # deleted by finalize once the new store is complete
     path.mkdir(parents=True)
     ids = spec.batch_ids()
     offs = row_offsets(spec, ids)
@@ -434,6 +539,7 @@ def _manifest(
             }
             for a in layout
         },
+        "checksummed": checksummed(layout),
         "accounting": accounting(layout),
         "meta": {k: v for k, v in meta.items() if k not in ("images_fingerprint", "teacher_fingerprint")},
     }
@@ -447,8 +553,9 @@ class StoreWriter:
         self.rank = rank
         self.manifest = read_json(self.path / MANIFEST)
         if self.manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{self.path} is not a label store; rerun stage=relabel")
+            raise _old_format(self.path, self.manifest.get("format"))
         self.spec = StoreSpec.from_dict(self.manifest["identity"]["spec"])
+        self._sum_names = list(self.manifest["checksummed"])
         self._mm = {name: np.load(self.path / a["file"], mmap_mode="r+") for name, a in self.manifest["arrays"].items()}
         self.batch_ids = np.asarray(self._mm["batch_ids"]).astype(np.int64)
         self.offsets = np.asarray(self._mm["row_offsets"]).astype(np.int64)
@@ -462,25 +569,31 @@ class StoreWriter:
         e, b = self.batch_ids[i]
         return augment.batch_seed(self.spec.seed, int(e), int(b))
 
-    def write(self, i: int, index: torch.Tensor, rec: AugRecord, labels: dict[str, np.ndarray]) -> None:
-        """Write stored batch i: image indices, augmentation record (explicit mode) and encoded labels."""
+    def write(self, i: int, index: torch.Tensor, rec: AugRecord, labels: dict[str, np.ndarray | torch.Tensor]) -> None:
+        """Write stored batch i: image indices, augmentation record (explicit mode), encoded labels, checksums.
+
+        Tensors may live on any device: each is moved to the host once, here, where it is written.
+        """
         r0, r1 = int(self.offsets[i]), int(self.offsets[i + 1])
         mm = self._mm
         if self.spec.record_mode == "explicit":
-            mm["sample_index"][r0:r1] = index.numpy()
-            mm["crops"][r0:r1] = rec.crops.numpy()
+            mm["sample_index"][r0:r1] = _host(index)
+            mm["crops"][r0:r1] = _host(rec.crops)
             if "flips" in mm:
-                mm["flips"][r0:r1] = rec.flips.numpy()
+                mm["flips"][r0:r1] = _host(rec.flips)
             if "mix_index" in mm:
-                mm["mix_index"][r0:r1] = rec.mix_index.numpy()
+                mm["mix_index"][r0:r1] = _host(rec.mix_index)
                 mm["lam"][i] = np.float32(rec.lam)
-                mm["box"][i] = rec.box.numpy()
+                mm["box"][i] = _host(rec.box)
             if "cutout" in mm:
-                mm["cutout"][r0:r1] = rec.cutout.numpy()
+                mm["cutout"][r0:r1] = _host(rec.cutout)
         for name, arr in labels.items():
+            arr = _host(arr)
             if arr.shape[0] != r1 - r0:
                 raise ValueError(f"labels {name} has {arr.shape[0]} rows, batch {i} has {r1 - r0}")
             mm[name][r0:r1] = arr
+        # checksums of what is now in the file's pages (the bytes a reader will see), per array
+        mm["checksums"][i] = crc32s(batch_slices(mm, self._sum_names, i, r0, r1))
         self._mine[i] = 1
 
     def commit(self) -> None:
@@ -492,6 +605,11 @@ class StoreWriter:
     def close(self) -> None:
         self.commit()
         self._mm.clear()
+
+
+def _host(t: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view/copy on the host of a tensor on any device (or an array, unchanged)."""
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -542,6 +660,8 @@ def finalize(path: str | os.PathLike) -> dict[str, Any]:
     atomic_write_json(path / MANIFEST, man)
     for p in path.glob("progress.*.npy"):
         p.unlink()
+    drop_aside(path)  # an overwritten store is deleted only now that its replacement is complete
+    release_lock(path)
     return man
 
 
@@ -562,10 +682,14 @@ class LabelStore:
         self.spec = StoreSpec.from_dict(manifest["identity"]["spec"])
         self._mm: dict[str, np.ndarray] | None = None
         self._perm_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._sum_names: list[str] = list(manifest.get("checksummed") or [])
+        self.check_batches = True  # verify each batch's checksums as it is read (cheap: CRC-32 of its slices)
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: str = "fast") -> LabelStore:
-        """Open a store; ``verify`` = "fast" (sizes, headers, sampled hashes), "full" (every byte) or "none".
+        """Open a store; ``verify`` = "fast" (sizes, headers, full hash of the index arrays, sampled hashes of
+        the others), "full" (every byte) or "none". Whatever ``verify`` says, every ``read(i)`` checks batch i's
+        CRC-32s (``check_batches``).
 
         Raises:
             ArtifactError: missing, incomplete, truncated or corrupt store (message names the fix).
@@ -573,8 +697,13 @@ class LabelStore:
         path = Path(path)
         if not (path / MANIFEST).exists():
             raise ArtifactError(f"no label store at {path} (no {MANIFEST}); run stage=relabel first")
-        man = read_json(path / MANIFEST)
+        try:
+            man = read_json(path / MANIFEST)
+        except ArtifactError as e:
+            raise _refuse(path, f"{MANIFEST} is unreadable: {e.__cause__}") from e
         if man.get("format") != FORMAT:
+            if str(man.get("format", "")).startswith("lpld-label-store/"):
+                raise _old_format(path, man.get("format"))
             raise ArtifactError(f"{path} is not a {FORMAT} label store; rerun stage=relabel")
         if not man.get("complete"):
             raise ArtifactError(
@@ -621,9 +750,10 @@ class LabelStore:
                 raise _refuse(self.path, f"{a['file']} has a bad npy header: {e}") from e
             if list(shape) != a["shape"] or dtype.str != a["dtype"] or fortran:
                 raise _refuse(self.path, f"{a['file']} header says {shape} {dtype.str}, manifest {a['shape']}")
-            digest = _full_sha256(f) if full else _sampled_sha256(f, size)
-            if digest != a["sha256" if full else "sampled_sha256"]:
-                raise _refuse(self.path, f"checksum mismatch in {a['file']} ({'full' if full else 'sampled'} sha256)")
+            whole = full or Path(a["file"]).stem in INDEX_ARRAYS  # index arrays are small (8-16 bytes per batch)
+            digest = _full_sha256(f) if whole else _sampled_sha256(f, size)
+            if digest != a["sha256" if whole else "sampled_sha256"]:
+                raise _refuse(self.path, f"checksum mismatch in {a['file']} ({'full' if whole else 'sampled'} sha256)")
 
     # -- pickling for DataLoader workers: drop the memory maps, reopen lazily ------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -655,6 +785,19 @@ class LabelStore:
                 self._perm_cache.popitem(last=False)
         return perm
 
+    def check_batch(self, i: int, e: int, b: int, r0: int, r1: int) -> None:
+        """Compare stored batch i's CRC-32s with its data (rows r0:r1); raise naming the batch, file and fix."""
+        mm = self.arrays
+        got = crc32s(batch_slices(mm, self._sum_names, i, r0, r1))
+        want = np.asarray(mm["checksums"][i])
+        if not np.array_equal(got, want):
+            bad = [f"{n}.npy" for n, g, w in zip(self._sum_names, got, want) if g != w]
+            raise _refuse(
+                self.path,
+                f"stored batch {i} (epoch {e}, batch {b}, rows {r0}..{r1 - 1}) fails its checksum in {', '.join(bad)} "
+                "(that data, or its CRC in checksums.npy, changed since relabel)",
+            )
+
     def read(self, i: int) -> StoredBatch:
         """Stored batch i (0 <= i < len(store)), O(1) slices of the memory-mapped arrays."""
         m = len(self)
@@ -663,6 +806,8 @@ class LabelStore:
         mm, spec = self.arrays, self.spec
         e, b = (int(v) for v in mm["batch_ids"][i])
         r0, r1 = int(mm["row_offsets"][i]), int(mm["row_offsets"][i + 1])
+        if self.check_batches:
+            self.check_batch(i, e, b, r0, r1)
 
         def rows(name: str) -> torch.Tensor | None:
             return torch.from_numpy(np.array(mm[name][r0:r1])) if name in mm else None

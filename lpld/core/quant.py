@@ -46,10 +46,17 @@ class QuantConfig:
         """Raise ValueError for an unknown mode, or k outside 1..C-1 for mr/ms."""
         if self.mode not in QUANT_MODES:
             raise ValueError(f"quant mode must be one of {QUANT_MODES}, got {self.mode!r}")
-        if self.mode in ("mr", "ms") and not 1 <= int(self.k) < num_classes:
+        if self.mode in ("mr", "ms") and int(self.k) < 1:
             raise ValueError(
-                f"quant={self.mode} needs 1 <= k < num_classes ({num_classes}), got k={self.k}; "
-                f"set quant.k to a smaller value (k >= num_classes stores no less than quant=none)"
+                f"quant={self.mode} keeps the top-k logits and needs 1 <= k < num_classes ({num_classes}), got "
+                f"quant.k={self.k}; set quant.k to "
+                f"a value in 1..{num_classes - 1} (e.g. quant.k={min(10, num_classes - 1)}), or quant=hard to store "
+                "only the argmax class"
+            )
+        if self.mode in ("mr", "ms") and int(self.k) >= num_classes:
+            raise ValueError(
+                f"quant={self.mode} needs k < num_classes ({num_classes}), got quant.k={self.k}; set quant.k to a "
+                f"value in 1..{num_classes - 1} (k >= num_classes stores no less than quant=none)"
             )
         if self.temperature <= 0:
             raise ValueError(f"quant.temperature must be > 0, got {self.temperature}")
@@ -75,27 +82,54 @@ def label_arrays(cfg: QuantConfig, num_classes: int) -> dict[str, tuple[tuple[in
     raise ValueError(f"quant mode must be one of {QUANT_MODES}, got {cfg.mode!r}")
 
 
-def encode(logits: torch.Tensor, cfg: QuantConfig) -> dict[str, np.ndarray]:
-    """Quantize one batch of teacher logits for storage.
+def encode_tensors(logits: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """Quantize one batch of teacher logits where they are (any device, no host synchronisation).
 
     Args:
-        logits: (B, C) float teacher logits (fp32 recommended: ranking happens before the fp16 cast).
+        logits: (B, C) float teacher logits (fp32 recommended: ranking happens before the fp16 cast;
+            bf16/fp16 logits are upcast first).
+        cfg: quantization config (validated against C, which is a shape, not data).
+
+    Returns:
+        name -> tensor on ``logits.device`` with leading dim B: ``logits``/``topk_values`` float16,
+        ``topk_indices``/``hard`` int32 (exact for any class count; ``encode`` / the store writer narrow
+        them to ``index_dtype`` on the host, where the copy happens anyway).
+    """
+    z = logits.detach().float()
+    num_classes = int(z.shape[1])
+    cfg.validate(num_classes)
+    if cfg.mode == "none":
+        return {"logits": z.half()}
+    if cfg.mode == "hard":
+        return {"hard": z.argmax(dim=1).to(torch.int32)}
+    src = z if cfg.mode == "mr" else torch.softmax(z / cfg.temperature, dim=1)
+    vals, ind = torch.topk(src, int(cfg.k), dim=1, largest=True, sorted=True)
+    return {"topk_values": vals.half(), "topk_indices": ind.to(torch.int32)}
+
+
+def to_host_arrays(encoded: dict[str, torch.Tensor], num_classes: int) -> dict[str, np.ndarray]:
+    """``encode_tensors`` output -> host numpy arrays in the store dtypes (one copy per array)."""
+    idx = index_dtype(num_classes)
+    out: dict[str, np.ndarray] = {}
+    for name, t in encoded.items():
+        a = t.cpu().numpy()
+        out[name] = a.astype(idx) if name in ("topk_indices", "hard") else a
+    return out
+
+
+def encode(logits: torch.Tensor, cfg: QuantConfig) -> dict[str, np.ndarray]:
+    """Quantize one batch of teacher logits for storage (host arrays; see ``encode_tensors``).
+
+    Args:
+        logits: (B, C) float teacher logits on any device (fp32 recommended: ranking happens before
+            the fp16 cast). The quantization runs on that device; only the k values per row (not the
+            C logits) cross to the host.
         cfg: quantization config.
 
     Returns:
         name -> array with leading dim B, matching ``label_arrays``.
     """
-    z = logits.detach().float().cpu()
-    num_classes = z.shape[1]
-    cfg.validate(num_classes)
-    idx = index_dtype(num_classes)
-    if cfg.mode == "none":
-        return {"logits": z.half().numpy()}
-    if cfg.mode == "hard":
-        return {"hard": z.argmax(dim=1).numpy().astype(idx)}
-    src = z if cfg.mode == "mr" else torch.softmax(z / cfg.temperature, dim=1)
-    vals, ind = torch.topk(src, int(cfg.k), dim=1, largest=True, sorted=True)
-    return {"topk_values": vals.half().numpy(), "topk_indices": ind.numpy().astype(idx)}
+    return to_host_arrays(encode_tensors(logits, cfg), int(logits.shape[1]))
 
 
 def decode(

@@ -64,7 +64,12 @@ def segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> t
 
 
 def segment_counts(seg: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Number of images per segment: (S,) float."""
+    """Number of images per segment: (S,) float32, on ``seg``'s device.
+
+    ``bincount`` has a data-dependent output size, so on a GPU it waits for the device: the
+    recover loop computes the counts once per device batch (they never change) and passes them
+    to the loss functions below instead of letting each step recount.
+    """
     return torch.bincount(seg, minlength=num_segments).to(torch.float32)
 
 
@@ -80,16 +85,19 @@ def segment_moments(
         var_s = mean_i(var_i) + mean_i((mu_i - mu_s)^2)   (all images have the same pixel count)
 
     Args:
-        x: (B, C, H, W) or (B, C) input of a BN layer.
+        x: (B, C, H, W) or (B, C) input of a BN layer (half precision is upcast: the moments and the
+            targets they are matched to are fp32).
         seg: (B,) int64 segment id per image.
         num_segments: S.
-        counts: optional (S,) images per segment.
+        counts: optional (S,) images per segment (pass it in loops: see ``segment_counts``).
 
     Returns:
         mean (S, C), var (S, C).
     """
     if counts is None:
         counts = segment_counts(seg, num_segments)
+    if x.is_floating_point() and x.element_size() < 4:
+        x = x.float()
     counts = counts.to(x.dtype)[:, None]
     if x.dim() > 2:
         dims = tuple(range(2, x.dim()))
@@ -109,6 +117,7 @@ def bn_matching_loss(
     target_mean: Sequence[torch.Tensor],
     target_var: Sequence[torch.Tensor],
     layer_weights: Sequence[float],
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BN statistics matching term per segment (Eq. 2 with global targets, Eq. 6 with class-wise ones).
 
@@ -118,11 +127,13 @@ def bn_matching_loss(
         num_segments: S.
         target_mean, target_var: per layer, (S, C_l) target statistics of each segment.
         layer_weights: per layer multiplier (first BN layer x ``first_bn_multiplier``).
+        counts: optional (S,) images per segment (computed here when omitted).
 
     Returns:
         (S,) sum over layers of w_l (||mu - m||_2 + ||var - v||_2).
     """
-    counts = segment_counts(seg, num_segments).to(seg.device)
+    if counts is None:
+        counts = segment_counts(seg, num_segments)
     total = None
     for x, m, v, w in zip(bn_inputs, target_mean, target_var, layer_weights, strict=True):
         mu, var = segment_moments(x, seg, num_segments, counts)
@@ -159,10 +170,14 @@ def tv_l2_loss(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.T
     return out
 
 
-def image_l2_loss(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+def image_l2_loss(
+    x: torch.Tensor, seg: torch.Tensor, num_segments: int, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over each segment's images of the per-image L2 norm: (S,)."""
+    if counts is None:
+        counts = segment_counts(seg, num_segments)
     norms = torch.linalg.vector_norm(x.flatten(1), dim=1)
-    return segment_sum(norms, seg, num_segments) / segment_counts(seg, num_segments).to(x.dtype)
+    return segment_sum(norms, seg, num_segments) / counts.to(x.dtype)
 
 
 def recover_losses(
@@ -175,6 +190,7 @@ def recover_losses(
     target_mean: Sequence[torch.Tensor],
     target_var: Sequence[torch.Tensor],
     weights: LossWeights,
+    counts: torch.Tensor | None = None,
 ) -> SegmentLosses:
     """All terms of the recover objective, per segment (Eq. 6; Eq. 3 with global targets).
 
@@ -187,17 +203,20 @@ def recover_losses(
         num_segments: S.
         target_mean, target_var: per BN layer, (S, C_l).
         weights: coefficients.
+        counts: (S,) images per segment, ``segment_counts(seg, S)``; pass it from a loop (computing it
+            here costs a device sync per call on a GPU).
 
     Returns:
         SegmentLosses with (S,) tensors.
     """
-    counts = segment_counts(seg, num_segments).to(logits.dtype)
+    if counts is None:
+        counts = segment_counts(seg, num_segments)
     ce_i = F.cross_entropy(logits, targets, reduction="none")
-    ce = segment_sum(ce_i, seg, num_segments) / counts
+    ce = segment_sum(ce_i, seg, num_segments) / counts.to(ce_i.dtype)
     lw = [float(weights.first_bn_multiplier)] + [1.0] * (len(bn_inputs) - 1)
-    bn = bn_matching_loss(bn_inputs, seg, num_segments, target_mean, target_var, lw)
+    bn = bn_matching_loss(bn_inputs, seg, num_segments, target_mean, target_var, lw, counts)
     zero = torch.zeros_like(ce)
     tv = tv_l2_loss(x_aug, seg, num_segments) if weights.tv_l2 else zero
-    l2 = image_l2_loss(x_aug, seg, num_segments) if weights.l2 else zero
+    l2 = image_l2_loss(x_aug, seg, num_segments, counts) if weights.l2 else zero
     total = ce + weights.alpha * bn + weights.tv_l2 * tv + weights.l2 * l2
     return SegmentLosses(total=total, ce=ce, bn=bn, tv=tv, l2=l2)

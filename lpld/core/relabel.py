@@ -31,9 +31,14 @@ class EnsembleTeacher(nn.Module):
 
     ``mean_logits``: the mean of the teachers' logits. ``mean_probs``: the log of the mean of their
     softmax probabilities (a valid logit vector whose softmax at T=1 is the mean distribution).
+
+    ``rescale`` (G-VBSM ``generate_soft_label_with_db.py``, the default of ``relabel.ensemble_rescale``):
+    before combining, each teacher's logit matrix of a stored batch, z_t (B, C), is scaled to the mean
+    Frobenius norm of all teachers on that batch, z_t * mean_s ||z_s||_F / ||z_t||_F, so that no teacher
+    dominates the average by the scale of its logits.
     """
 
-    def __init__(self, models: Sequence[nn.Module], combine: str = "mean_logits"):
+    def __init__(self, models: Sequence[nn.Module], combine: str = "mean_logits", rescale: bool = False):
         super().__init__()
         if combine not in ENSEMBLE_MODES:
             raise ValueError(f"ensemble combine must be one of {ENSEMBLE_MODES}, got {combine!r}")
@@ -41,10 +46,22 @@ class EnsembleTeacher(nn.Module):
             raise ValueError("EnsembleTeacher needs at least one model")
         self.models = nn.ModuleList(models)
         self.combine = combine
+        self.rescale = bool(rescale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W) -> (B, num_classes) float32."""
-        outs = torch.stack([m(x).float() for m in self.models])
+    def forward(self, x: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, num_classes) float32.
+
+        Args:
+            x: one stored batch, or several concatenated.
+            sizes: rows of each concatenated stored batch (the rescaling is per stored batch); None = one batch.
+        """
+        outs = torch.stack([m(x).float() for m in self.models])  # (T, B, C)
+        if self.rescale:
+            parts = []
+            for o in outs.split(list(sizes) if sizes is not None else [outs.shape[1]], dim=1):
+                norm = torch.linalg.vector_norm(o, dim=(1, 2), keepdim=True)  # (T, 1, 1) Frobenius norms
+                parts.append(o / norm * norm.mean(0, keepdim=True))
+            outs = torch.cat(parts, dim=1)
         if self.combine == "mean_logits":
             return outs.mean(0)
         return torch.logsumexp(torch.log_softmax(outs, dim=-1), dim=0) - float(np.log(len(self.models)))

@@ -30,7 +30,7 @@ from torch import nn
 
 from lpld.core.bn_hooks import BNInputHooks, bn_layers
 from lpld.core.jitter import JitterPlan, apply_jitter, cda_scale_min, draw_jitter_plan, make_generator
-from lpld.core.recover_loss import LossWeights, SegmentLosses, recover_losses
+from lpld.core.recover_loss import LossWeights, SegmentLosses, recover_losses, segment_counts
 
 BATCHING = ("class", "slot")
 
@@ -226,6 +226,8 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
         hits[idx] += 1
     if not bool((hits == 1).all()):
         raise ValueError("every image must belong to exactly one segment (a unit's segments must partition it)")
+    # images per segment: counted once on the host (a per-step bincount would sync with the device)
+    counts = segment_counts(seg, S).to(device)
     seg = seg.to(device)
     targets = torch.tensor(labels, dtype=torch.long, device=device)
 
@@ -260,7 +262,9 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
             step_plan = plans.at(t).index(seg)  # per-image draws (B,)
             x_aug = apply_jitter(x, step_plan)
             logits = model(x_aug)
-            losses = recover_losses(logits, targets, x_aug, hooks.inputs, seg, S, t_mean, t_var, cfg.weights)
+            losses = recover_losses(
+                logits, targets, x_aug, hooks.inputs, seg, S, t_mean, t_var, cfg.weights, counts=counts
+            )
             opt.zero_grad(set_to_none=True)
             losses.objective().backward()
             opt.step()

@@ -7,12 +7,16 @@ temperature:
 
 * ``none``:           T(e) = T0
 * ``step``:           T(e) = max(T0 * gamma ** floor(e / s), floor)       (ImageNet-1K: T0=20, s=30, gamma=0.7, floor=2)
-* ``step_reverse``:   T(e) = max(T0 * gamma ** floor((E - 1 - e) / s), floor)   (the step sequence played backwards)
+* ``step_reverse``:   T(e) = T0 * gamma ** floor((E - 1 - e) / s)             (the step sequence played backwards)
 * ``cosine``:         T(e) = T_min + (T0 - T_min) * (1 + cos(pi * e / E)) / 2
 * ``cosine_reverse``: T(e) = T_min + (T0 - T_min) * (1 - cos(pi * e / E)) / 2
 
-The public LPQLD code passes 1-based epochs to these formulas (a one-epoch shift) and applies
-the floor only to ``step``; ``floor=0`` disables the floor here.
+The public LPQLD code (``train_FKD_LPQLD.py``) passes 1-based epochs to these formulas
+(``current_epoch = step // batches_per_epoch + 1``), clamps ``step_reverse``'s epoch at E - 1 and
+applies the floor only to ``step``. ``epoch_base=1`` (the config default, ``student.temp_epoch_base``)
+reproduces that: e' = e + 1 replaces e in every formula, and e' is clamped at E - 1 in
+``step_reverse``. ``epoch_base=0`` gives the 0-based formulas above. The floor applies to ``step``
+only, as in the public code; ``floor=0`` disables it.
 
 CA (LPQLD Sec. III-E) gives the student its own softmax temperature T_s: ``none`` (T_s = T),
 ``fixed`` (a constant), or ``search`` (after each epoch, grid-search T_s in (0.01, 1] for the
@@ -39,6 +43,7 @@ def dkr_temperature(
     gamma: float = 0.7,
     floor: float = 2.0,
     t_min: float = 1.0,
+    epoch_base: int = 0,
 ) -> float:
     """Teacher temperature T(e) of a DKR schedule (see the module docstring for the formulas).
 
@@ -51,6 +56,7 @@ def dkr_temperature(
         gamma: multiplicative decay per step (step schedules).
         floor: lower bound of the step schedules (0 = none).
         t_min: end temperature of the cosine schedules.
+        epoch_base: 1 = the public code's 1-based epochs (e + 1 in the formulas), 0 = 0-based.
 
     Returns:
         T(e) as a float.
@@ -61,12 +67,19 @@ def dkr_temperature(
         raise ValueError(f"total_epochs must be > 0, got {total_epochs}")
     if schedule == "none":
         return float(t0)
-    if schedule in ("step", "step_reverse"):
+    if epoch_base not in (0, 1):
+        raise ValueError(f"temperature epoch_base must be 0 or 1, got {epoch_base}")
+    ep = epoch + epoch_base
+    if schedule == "step":
         if step_size <= 0:
             raise ValueError(f"temperature step_size must be > 0, got {step_size}")
-        e = epoch if schedule == "step" else total_epochs - 1 - epoch
-        return float(max(t0 * gamma ** (max(e, 0) // step_size), floor))
-    c = math.cos(math.pi * epoch / total_epochs)
+        return float(max(t0 * gamma ** (max(ep, 0) // step_size), floor))
+    if schedule == "step_reverse":
+        if step_size <= 0:
+            raise ValueError(f"temperature step_size must be > 0, got {step_size}")
+        e = total_epochs - 1 - min(ep, total_epochs - 1)  # the public code clamps the (1-based) last epoch
+        return float(t0 * gamma ** (max(e, 0) // step_size))
+    c = math.cos(math.pi * ep / total_epochs)
     if schedule == "cosine":
         return float(t_min + (t0 - t_min) * (1.0 + c) / 2.0)
     return float(t_min + (t0 - t_min) * (1.0 - c) / 2.0)

@@ -88,6 +88,17 @@ def train_transform(ds_cfg: Any) -> v2.Compose:
     return v2.Compose([v2.ToImage(), *geo, *flip, *_to_float_normalized(ds_cfg)])
 
 
+def rrc_flip_transform(ds_cfg: Any) -> v2.Compose:
+    """RandomResizedCrop(image_size, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip, whatever ``train_aug`` is.
+
+    The images the official class-wise statistics pass sees (``ClassificationPresetTrain`` /
+    tiny_forward ``forward_once.py``), used by ``stage=stats`` in ``official`` mode on every dataset.
+    """
+    size = int(cfg_require(ds_cfg, "image_size"))
+    geo = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(0.5)]
+    return v2.Compose([v2.ToImage(), *geo, *_to_float_normalized(ds_cfg)])
+
+
 def _stats_like(x: torch.Tensor, ds_cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     mean, std = normalize_params(ds_cfg)
     if x.dim() < 3 or x.shape[-3] != len(mean):

@@ -63,8 +63,49 @@ class RecoverModule(L.LightningModule):
             from lpld.data import build_dataset
             from lpld.data.transforms import eval_transform
 
-            self._real = build_dataset(self.cfg.dataset, "train", transform=eval_transform(self.cfg.dataset))
+            ds_cfg = self.cfg.dataset
+            self._real = build_dataset(ds_cfg, "train", transform=eval_transform(ds_cfg))
+            if ds_cfg.get("jpeg_draft") and hasattr(self._real, "draft"):
+                # the eval transform resizes then crops: a reduced-scale JPEG decode that stays >= the resize
+                # side gives (nearly) the same input, much faster for files > 2x that side (README "GPU")
+                from lpld.data.datasets import eval_draft_side
+
+                self._real.draft = eval_draft_side(int(ds_cfg.image_size), float(ds_cfg.get("eval_crop_ratio") or 1.0))
         return self._real
+
+    def _load_real(self, ds, groups: list[list[int]], chunk_images: int = 1024):
+        """Decode the real images ``groups`` (one index list per class); yields one (n_g, C, H, W) tensor per group.
+
+        Groups are read in chunks of about ``chunk_images`` images through one DataLoader each, with the
+        preset's workers and pinned memory on a GPU, so file decoding runs in parallel (ImageNet-scale RDED
+        decodes hundreds of candidate images per class) while at most one chunk is held in memory. Order
+        and values are those of ``ds[i]`` in sequence.
+        """
+        nw = int(self.cfg.trainer.get("num_workers", 0) or 0)
+        k = 0
+        while k < len(groups):
+            chunk = [groups[k]]
+            while k + len(chunk) < len(groups) and sum(map(len, chunk)) + len(groups[k + len(chunk)]) <= chunk_images:
+                chunk.append(groups[k + len(chunk)])
+            k += len(chunk)
+            flat = [int(i) for g in chunk for i in g]
+            if nw <= 0 or len(flat) < 64:
+                items = [ds[i][0] for i in flat]
+            else:
+                from torch.utils.data import Subset
+
+                dl = DataLoader(
+                    Subset(ds, flat),
+                    batch_size=64,
+                    shuffle=False,
+                    num_workers=min(nw, -(-len(flat) // 64)),
+                    pin_memory=self.device.type == "cuda",
+                )
+                items = [x for xb, _ in dl for x in xb]
+            j = 0
+            for g in chunk:
+                yield torch.stack(items[j : j + len(g)])
+                j += len(g)
 
     # ------------------------------------------------------------------ progress
     def on_predict_start(self) -> None:
@@ -184,17 +225,13 @@ class RecoverModule(L.LightningModule):
         def on_step(t: int, losses: SegmentLosses) -> None:
             if t % every and t != scfg.iterations - 1:
                 return
-            loss = float(losses.total.mean())
+            # one device->host copy every `progress_every` iterations (never per step)
+            loss, ce, bn = torch.stack([losses.total.mean(), losses.ce.mean(), losses.bn.mean()]).tolist()
             if self._progress is not None:
                 self._progress.update(self._task, loss=f"{loss:.4f}")
             if self.logger is not None:
                 self.logger.log_metrics(
-                    {
-                        "recover/loss": loss,
-                        "recover/ce": float(losses.ce.mean()),
-                        "recover/bn": float(losses.bn.mean()),
-                        "recover/iteration": t,
-                    },
+                    {"recover/loss": loss, "recover/ce": ce, "recover/bn": bn, "recover/iteration": t},
                     step=self._log_step,
                 )
             self._log_step += every
@@ -214,11 +251,14 @@ class RecoverModule(L.LightningModule):
 
         job, r = self.job, self.job.settings["rded"]
         ds = self._real_dataset()
-        out = []
+        groups = []
         for c in classes:
             n_c = len(class_indices(ds.targets, c))
-            idx = sample_class_indices(ds.targets, c, min(int(r["candidates_per_class"]), n_c), job.seed, "rded")
-            real = torch.stack([ds[int(i)][0] for i in idx])
+            groups.append(
+                sample_class_indices(ds.targets, c, min(int(r["candidates_per_class"]), n_c), job.seed, "rded")
+            )
+        out = []
+        for c, real in zip(classes, self._load_real(ds, groups), strict=True):
             imgs, scores = rded_class_images(
                 self.teacher,
                 real,
@@ -229,6 +269,7 @@ class RecoverModule(L.LightningModule):
                 crops_per_image=int(r["crops_per_image"]),
                 crop_scale=tuple(r["crop_scale"]),
                 device=self.device,
+                style=str(r.get("style", "lpld")),  # records written before the switch used lpld's variant
             )
             out.append((c, imgs, {"total": float(-scores.mean()), "ce": float(-scores.mean())}))
         return out
@@ -237,11 +278,8 @@ class RecoverModule(L.LightningModule):
         from lpld.core.rded import random_real_indices
 
         ds = self._real_dataset()
-        out = []
-        for c in classes:
-            idx = random_real_indices(ds.targets, c, self.job.ipc, self.job.seed)
-            out.append((c, torch.stack([ds[int(i)][0] for i in idx]), {}))
-        return out
+        groups = [random_real_indices(ds.targets, c, self.job.ipc, self.job.seed) for c in classes]
+        return [(c, x, {}) for c, x in zip(classes, self._load_real(ds, groups), strict=True)]
 
     # ------------------------------------------------------------------ end
     def on_predict_end(self) -> None:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from lpld.core.bnstats import ClasswiseBNStats
+from lpld.core.bnstats import EMA_MODES, ClasswiseBNStats
 from lpld.core.io import atomic_torch_save
 from lpld.lit.sharding import ShardSampler
 
@@ -27,13 +27,15 @@ class StatsModule(L.LightningModule):
     def __init__(self, cfg: dict[str, Any], out_path: str):
         super().__init__()
         self.save_hyperparameters()
+        from lpld.data.recipe import stats_settings
         from lpld.stages.common import load_teacher
 
         self.cfg = OmegaConf.create(cfg)
         self.teacher, self.teacher_fp = load_teacher(self.cfg)
-        st = self.cfg.stage
+        self.settings = stats_settings(self.cfg)
+        st = self.settings
         self.acc = ClasswiseBNStats(
-            self.teacher, int(self.cfg.dataset.num_classes), mode=str(st.mode), momentum=float(st.momentum)
+            self.teacher, int(self.cfg.dataset.num_classes), mode=st["mode"], momentum=st["momentum"]
         )
         self.out_path = out_path
         self.result: dict[str, Any] | None = None
@@ -41,22 +43,26 @@ class StatsModule(L.LightningModule):
     # -- data: each rank gets a disjoint stride of the train set, never padded ----------------
     def test_dataloader(self) -> DataLoader:
         from lpld.data import build_dataset
-        from lpld.data.transforms import eval_transform, train_transform
+        from lpld.data.transforms import eval_transform, rrc_flip_transform, train_transform
 
         ds_cfg = self.cfg.dataset
-        tf = train_transform(ds_cfg) if self.cfg.stage.get("augment") else eval_transform(ds_cfg)
+        st = self.settings
+        if not st["augment"]:
+            tf = eval_transform(ds_cfg)
+        else:  # official: the official pass's RandomResizedCrop + flip; else the teacher's own augmentation
+            tf = rrc_flip_transform(ds_cfg) if st["mode"] == "official" else train_transform(ds_cfg)
         ds = build_dataset(ds_cfg, "train", transform=tf)
         self.class_names = list(ds.classes)
         n = len(ds)
         limit = self.cfg.stage.get("max_images")
         if limit:
             n = min(n, int(limit))
-        seed = int(self.cfg.seed) if self.cfg.stage.mode == "ema" else None  # EMA is order dependent
+        seed = int(self.cfg.seed) if st["mode"] in EMA_MODES else None  # an EMA depends on the order
         sampler = ShardSampler(n, self.global_rank, self.trainer.world_size, seed=seed)
         nw = int(self.cfg.trainer.get("num_workers", 0))
         return DataLoader(
             ds,
-            batch_size=int(self.cfg.stage.batch_size),
+            batch_size=st["batch_size"],
             sampler=sampler,
             num_workers=nw,
             persistent_workers=False,
@@ -73,7 +79,7 @@ class StatsModule(L.LightningModule):
         a.s1 = [t.to(dev).clone() for t in a.s1]
         a.s2 = [t.to(dev).clone() for t in a.s2]
         a.shift = [t.to(dev).clone() for t in a.shift]
-        if a.mode == "ema":
+        if a.mode in EMA_MODES:
             a.run_mean = [t.to(dev).clone() for t in a.run_mean]
             a.run_var = [t.to(dev).clone() for t in a.run_var]
             if self.trainer.world_size > 1:

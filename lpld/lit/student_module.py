@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lpld.core import augment, kd_loss, quant
-from lpld.core.label_pool import epoch_plan, shard_plan
+from lpld.core.label_pool import epoch_plan
 from lpld.core.temperature import CA_MODES, SCHEDULES, ca_grid, ca_losses, dkr_temperature
 
 
@@ -39,8 +39,11 @@ class StudentData(L.LightningDataModule):
 
     The train DataLoader has ``batch_size=None`` over ``label_store.StoredBatchDataset`` (item = one
     StoredBatch, replayed on the device by the module). The plan depends only on (seed, epoch), so a
-    resumed run replays the same batches. Under DDP each rank takes ``shard_plan``'s share (the trainer
-    must run with ``use_distributed_sampler=False`` and ``reload_dataloaders_every_n_epochs=1``).
+    resumed run replays the same batches. Under DDP every rank serves the *whole* plan and
+    ``StudentModule.training_step`` takes this rank's share of each stored batch's rows, so one
+    optimizer step consumes exactly one stored batch at any world size (global batch = the recipe's
+    batch; the trainer must run with ``use_distributed_sampler=False`` and
+    ``reload_dataloaders_every_n_epochs=1``).
 
     Args:
         store: an open LabelStore.
@@ -77,9 +80,12 @@ class StudentData(L.LightningDataModule):
         self.batch_ids = store.batch_ids
 
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Store rows this rank trains on in ``epoch``, each repeated ``accumulate`` times."""
+        """Store rows served in ``epoch`` (the same on every rank), each repeated ``accumulate`` times.
+
+        ``rank`` / ``world_size`` do not change the plan: ranks split rows, not batches.
+        """
         full = epoch_plan(self.pool, self.batch_ids, self.batches_per_epoch, epoch, self.granularity, self.seed)
-        return np.repeat(shard_plan(full, rank, world_size), self.accumulate)
+        return np.repeat(full, self.accumulate)
 
     def train_dataloader(self) -> DataLoader:
         from lpld.core.label_store import StoredBatchDataset
@@ -123,6 +129,18 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def rank_rows(b: int, chunk: int, accumulate: int, rank: int, world: int) -> slice:
+    """Rows of a stored batch of ``b`` rows trained by ``rank`` in accumulation slice ``chunk``.
+
+    The batch is cut into ``accumulate x world`` contiguous pieces of ceil(b / (k W)) rows; piece
+    ``chunk * W + rank`` is this rank's (the last pieces of a short batch may be empty). Over all ranks and
+    slices every row is trained exactly once per stored batch.
+    """
+    size = -(-b // (accumulate * world))
+    p = chunk * world + rank
+    return slice(min(b, p * size), min(b, (p + 1) * size))
+
+
 def cutmix_share(aug: Any, out_size: int) -> float | None:
     """Area share of the base image after CutMix (1 - clipped box area / S^2), None without CutMix.
 
@@ -135,6 +153,25 @@ def cutmix_share(aug: Any, out_size: int) -> float | None:
     return 1.0 - (y2 - y1) * (x2 - x1) / float(out_size * out_size)
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: weight decay on weight matrices / conv kernels only.
+
+    As the official students (LPLD/SRe2L ``utils.get_parameters``): a parameter is decayed when its name
+    contains ``weight`` and it has more than one dimension; BatchNorm/LayerNorm scales and every bias get
+    ``weight_decay=0``. ``student.wd_exclude_bn_bias=false`` decays every parameter (lpld's old choice).
+
+    Returns:
+        ``[{"params": decayed}, {"params": others, "weight_decay": 0.0}]`` (empty groups dropped).
+    """
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if "weight" in name and p.dim() > 1 else rest).append(p)
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 class StudentModule(L.LightningModule):
     """Student training on a label store.
 
@@ -142,11 +179,12 @@ class StudentModule(L.LightningModule):
         model_cfg: student model config (plain dict, ``lpld.models.build_model``).
         num_classes, in_chans, img_size: dataset spec (img_size = the store's augmentation output side).
         quant_mode: the store's label format (none | mr | ms | hard); ``quant_gen_temperature`` its T_g (ms).
-        loss: {"name": kl | mse_gt | ce, "gamma": float (mse_gt), "t2": bool (KL x T^2)}.
-        temp: DKR {"t0", "schedule", "step_size", "gamma", "floor", "t_min"}.
+        loss: {"name": kl | mse_gt | ce, "gamma": float (mse_gt), "t2": bool (KL x T^2), "mse_target": logits |
+            probs (mse_gt), "smoothing_space": probs | logits (where label smoothing acts)}.
+        temp: DKR {"t0", "schedule", "step_size", "gamma", "floor", "t_min", "epoch_base"}.
         ca: {"mode": none | fixed | search, "value": float (fixed / search start), "lo", "hi", "n"}.
         optim: {"name": adamw | sgd | adam, "lr", "weight_decay", "momentum", "warmup_epochs",
-            "warmup_start", "scheduler": cosine | constant}.
+            "warmup_start", "scheduler": cosine | constant, "wd_exclude_bn_bias": bool (default true)}.
         epochs: student epochs E (schedules and DKR).
         steps_per_epoch: optimizer steps per epoch (for the per-step learning-rate schedule).
         label_smoothing: smoothing of the soft target (kl, mse) or of the hard labels (ce, GT term).
@@ -196,34 +234,73 @@ class StudentModule(L.LightningModule):
         k5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=k5, average="micro")
-        # distilled images (uint8) and their classes; set by set_images, never checkpointed
-        self.register_buffer("images_u8", torch.zeros(0, in_chans, 1, 1, dtype=torch.uint8), persistent=False)
-        self.register_buffer("image_labels", torch.zeros(0, dtype=torch.long), persistent=False)
+        # distilled images (uint8) and their classes; set by set_images, never checkpointed. Plain attributes,
+        # not buffers: DDP re-broadcasts every buffer from rank 0 before each forward (the whole image set
+        # per step, ~7.5 GB at in1k IPC 50). Every rank loads the same files; `_place_data` moves them to
+        # the device once per fit/validate.
+        self.images_u8 = torch.zeros(0, in_chans, 1, 1, dtype=torch.uint8)
+        self.image_labels = torch.zeros(0, dtype=torch.long)
         # CA state (checkpointed through on_save_checkpoint)
         self.student_temperature = float(ca.get("value") or 1.0)
         self.last_val: dict[str, float] = {}
         self._last_for_ca: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch_rows, self._epoch_steps = 0, 0  # this rank's rows / optimizer steps in the current epoch
 
     # ----- data -----------------------------------------------------------------------------
     def set_images(self, images_u8: torch.Tensor, labels: torch.Tensor) -> None:
-        """Distilled images (N, C, H, W) uint8 and their classes (N,) used to replay stored batches."""
-        self.images_u8 = images_u8.to(self.images_u8.device)
-        self.image_labels = labels.long().to(self.image_labels.device)
+        """Distilled images (N, C, H, W) uint8 and their classes (N,) used to replay stored batches.
+
+        Held on the module's current device now and moved with it by ``_place_data`` at the start of
+        fit / validate (plain attributes: no DDP buffer broadcast).
+        """
+        if images_u8.dtype != torch.uint8:
+            raise ValueError(f"set_images needs uint8 images, got {images_u8.dtype}")
+        self.images_u8 = images_u8.to(self.device)
+        self.image_labels = labels.long().to(self.device)
+
+    def _place_data(self) -> None:
+        """Move the images / labels to the module's device (once: a no-op when already there)."""
+        if self.images_u8.device != self.device:
+            self.images_u8 = self.images_u8.to(self.device)
+            self.image_labels = self.image_labels.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_data()
+
+    def on_validation_start(self) -> None:
+        self._place_data()
+
+    def rank_rows(self, b: int, chunk: int) -> slice:
+        """Rows of a stored batch of ``b`` rows this rank trains on in accumulation slice ``chunk``."""
+        attached = self._trainer is not None
+        w, r = (int(self.trainer.world_size), int(self.global_rank)) if attached else (1, 0)
+        return rank_rows(b, chunk, int(self.hparams.accumulate), r, w)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a batch to ``device``; a StoredBatch's CutMix box stays on the host.
+
+        The box slices tensors (``augment.apply``) and weighs the hard labels (``cutmix_share``), both
+        as Python ints: reading them from a device tensor would block the host every step.
+        """
+        aug = getattr(batch, "aug", None)
+        if isinstance(aug, augment.AugRecord) and dataclasses.is_dataclass(batch):
+            moved = move_to(dataclasses.replace(batch, aug=None), device)
+            return dataclasses.replace(moved, aug=augment.record_to(aug, device, non_blocking=True))
         return move_to(batch, device)
 
     def replay(self, stored: Any) -> torch.Tensor:
         """The augmented batch the teacher labelled: (B, C, S, S) float32 on the module's device.
 
         Only this batch's images are converted to float (the full set stays uint8), which gives the
-        same values as ``augment.replay`` on the whole converted set: roi_align samples each roi from
-        its own image only.
+        same values as ``augment.replay`` on the whole converted set: ``to_model_input`` is elementwise
+        and ``resized_crop`` samples each crop from its own source image only. An image drawn twice is
+        converted twice rather than deduplicated (``torch.unique`` has a data-dependent size, a host sync
+        per step on a GPU).
         """
         idx = stored.index.to(self.images_u8.device)
-        uniq, inv = torch.unique(idx, return_inverse=True)
-        src = augment.to_model_input(self.images_u8[uniq], self.hparams.mean, self.hparams.std)
-        return augment.apply(src, inv, stored.aug, int(self.hparams.img_size))
+        src = augment.to_model_input(self.images_u8.index_select(0, idx), self.hparams.mean, self.hparams.std)
+        pos = torch.arange(idx.numel(), device=idx.device)
+        return augment.apply(src, pos, stored.aug, int(self.hparams.img_size))
 
     # ----- temperatures ---------------------------------------------------------------------
     def teacher_temperature(self, epoch: int | None = None) -> float:
@@ -239,6 +316,7 @@ class StudentModule(L.LightningModule):
             float(t.get("gamma", 0.7)),
             float(t.get("floor", 2.0)),
             float(t.get("t_min", 1.0)),
+            epoch_base=int(t.get("epoch_base", 0)),
         )
 
     def student_temp(self, teacher_t: float) -> float:
@@ -247,15 +325,20 @@ class StudentModule(L.LightningModule):
         return teacher_t if mode == "none" else float(self.student_temperature)
 
     def targets(self, stored: Any, teacher_t: float) -> torch.Tensor:
-        """(B, C) teacher distribution of a stored batch at temperature T, label-smoothed."""
+        """(B, C) teacher distribution of a stored batch at temperature T, label-smoothed.
+
+        ``loss["smoothing_space"] == "logits"`` (official 21K) smooths the stored logits, which equals
+        decoding at T / (1 - eps) (``kd_loss.smoothing_temperature``); stores without logits (ms, hard)
+        fall back to smoothing the probabilities.
+        """
+        eps = float(self.hparams.label_smoothing)
+        mode = self.hparams.quant_mode
+        in_logits = eps > 0 and self.hparams.loss.get("smoothing_space", "probs") == "logits" and mode in ("none", "mr")
+        t = kd_loss.smoothing_temperature(teacher_t, eps) if in_logits else teacher_t
         probs = quant.decode(
-            stored,
-            self.hparams.quant_mode,
-            teacher_t,
-            int(self.hparams.num_classes),
-            gen_temperature=self.hparams.quant_gen_temperature,
+            stored, mode, t, int(self.hparams.num_classes), gen_temperature=self.hparams.quant_gen_temperature
         )
-        return kd_loss.smooth_targets(probs, float(self.hparams.label_smoothing))
+        return probs if in_logits else kd_loss.smooth_targets(probs, eps)
 
     def compute_loss(self, logits: torch.Tensor, stored: Any, sl: slice, teacher_t: float) -> tuple[torch.Tensor, Any]:
         """Loss of one slice of a stored batch; also returns the slice's target (for CA) or None."""
@@ -270,6 +353,10 @@ class StudentModule(L.LightningModule):
                 return kd_loss.hard_ce(logits, stored.hard[sl].long(), label_smoothing=ls), None
             p2 = partner[sl] if partner is not None else None
             return kd_loss.hard_ce(logits, labels[sl], p2, lam, ls), None
+        if name == "mse_gt" and self.hparams.loss.get("mse_target", "probs") == "logits":
+            # G-VBSM: MSE on the raw stored logits + gamma x CE on each image's own class
+            gamma = float(self.hparams.loss.get("gamma", 0.1))
+            return kd_loss.mse_logits_gt(logits, stored.logits[sl], labels[sl], gamma), None
         target = self.targets(stored, teacher_t)[sl]
         ts = self.student_temp(teacher_t)
         if name == "kl":
@@ -283,36 +370,59 @@ class StudentModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         stored = batch  # a StoredBatch, served `accumulate` times in a row (one slice each)
         k = int(self.hparams.accumulate)
+        w = int(self.trainer.world_size)
         chunk = batch_idx % k
+        # every rank replays the whole stored batch (CutMix pairs rows across the batch), then trains on its
+        # own rows: one optimizer step = one stored batch = the recipe's global batch at any world size
         x = self.replay(stored)
         b = x.shape[0]
-        size = -(-b // k)
-        sl = slice(chunk * size, min(b, (chunk + 1) * size))
+        sl = self.rank_rows(b, chunk)
         n = sl.stop - sl.start
         teacher_t = self.teacher_temperature()
-        if n <= 0:  # a short batch with fewer rows than slices: keep every rank's step count equal
+        if n <= 0:  # a short batch with fewer rows than pieces: keep every rank's step count equal
             logits = self.model(x[:1])
             return logits.sum() * 0.0
         logits = self.model(x[sl])
         loss, target = self.compute_loss(logits, stored, sl, teacher_t)
-        # Lightning divides by `accumulate`; weight by slice share so the sum is the whole-batch mean
-        scaled = loss * (n * k / b)
+        # Lightning divides by `accumulate` and DDP averages over W ranks: weighting each piece's mean by
+        # n k W / b makes the applied gradient the whole stored batch's mean, as on one process
+        scaled = loss * (n * k * w / b)
         self.log_dict(
-            {
-                "train/loss": loss.detach(),
-                "train/temperature": teacher_t,
-                "train/student_temperature": self.student_temp(teacher_t),
-            },
+            {"train/loss": loss.detach()},
             on_step=False,
             on_epoch=True,
             prog_bar=True,
             batch_size=n,
+            sync_dist=True,  # on_epoch only: one reduction per epoch, the epoch mean over all ranks' rows
         )
+        if batch_idx == 0:
+            # Python floats become device tensors in `log` (a blocking host->device copy on a GPU): the
+            # temperatures are constant within an epoch (CA changes T_s after its last batch), so log them
+            # once per epoch, the values this epoch trained with
+            self.log_dict(
+                {"train/temperature": teacher_t, "train/student_temperature": self.student_temp(teacher_t)},
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=1,
+            )
+        # recipe accounting (results record): counted as host ints (shapes, no device values) and logged once
+        # per epoch in on_train_epoch_end, since a per-step `log` of a Python float is a host->device copy
+        self._epoch_rows += n
+        self._epoch_steps += int(chunk == k - 1)
         if target is not None and self.hparams.ca["mode"] == "search":
             self._last_for_ca = (logits.detach(), target.detach())
             if batch_idx == self.trainer.num_training_batches - 1:
                 self._ca_search()
         return scaled
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_rows, self._epoch_steps = 0, 0
+
+    def on_train_epoch_end(self) -> None:
+        # rows over all ranks (summed) and optimizer steps (equal on every rank) of the epoch just trained
+        self.log("train/rows", float(self._epoch_rows), reduce_fx="sum", sync_dist=True)
+        self.log("train/steps", float(self._epoch_steps))
 
     def _ca_search(self) -> None:
         """CA: pick T_s minimising KL(p || softmax(z / T_s)) on the last batch, averaged over ranks."""
@@ -343,7 +453,9 @@ class StudentModule(L.LightningModule):
         o = self.hparams.optim
         name = str(o["name"]).lower()
         lr, wd = float(o["lr"]), float(o.get("weight_decay") or 0.0)
-        params = list(self.model.parameters())
+        params: Any = list(self.model.parameters())
+        if bool(o.get("wd_exclude_bn_bias", True)):
+            params = decay_groups(self.model, wd)
         # the fused kernels do one pass per step instead of a Python loop over tensors (CPU and CUDA)
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         if name == "adamw":
@@ -359,8 +471,12 @@ class StudentModule(L.LightningModule):
         warm = int(round(float(o.get("warmup_epochs") or 0) * spe))
         start = float(o.get("warmup_start", 0.01))
         kind = str(o.get("scheduler", "cosine"))
-        if kind not in ("cosine", "constant"):
-            raise ValueError(f"unknown lr scheduler '{kind}'; choose student.scheduler=cosine | constant")
+        if kind not in ("cosine", "smooth_cosine", "constant"):
+            raise ValueError(
+                f"unknown lr scheduler '{kind}'; choose student.scheduler=cosine | smooth_cosine | constant"
+            )
+        # smooth_cosine: RDED's / LPLD's `--smoothing_lr` (strength 2): the first half-period only, ending at lr/2
+        period = 2.0 if kind == "smooth_cosine" else 1.0
 
         def factor(step: int) -> float:  # linear warm-up (Table 15: from 0.01 x lr) then cosine to 0
             if step < warm:
@@ -368,7 +484,7 @@ class StudentModule(L.LightningModule):
             if kind == "constant":
                 return 1.0
             t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t) / period))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -62,12 +62,18 @@ def build_teacher_model(cfg: DictConfig) -> torch.nn.Module:
 
 def read_teacher_file(path: Path) -> dict[str, Any]:
     """Read squeeze's teacher.pt ({state_dict, fingerprint, model, dataset, ...})."""
+    fix = (
+        "retrain it: rerun stage=squeeze with stage.overwrite=true and the same dataset/model overrides "
+        "(`python run.py stage=squeeze stage.overwrite=true ...`; the old teacher folder is kept as teacher.replaced "
+        "until the new teacher is written)"
+    )
     try:
+        # weights_only: tensors and plain containers only, so a tampered file cannot run code when it is read
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"teacher weights {path} are corrupt ({e}); delete the file and rerun stage=squeeze") from e
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, refused global: all unusable
+        raise ArtifactError(f"teacher weights {path} are corrupt or not a plain weights file ({e}); {fix}") from e
     if not isinstance(blob, dict) or "state_dict" not in blob:
-        raise ArtifactError(f"{path} is not a teacher file written by stage=squeeze; delete it and rerun squeeze")
+        raise ArtifactError(f"{path} is not a teacher file written by stage=squeeze; {fix}")
     return blob
 
 
@@ -181,12 +187,24 @@ def progress_enabled() -> bool:
 
 
 def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = None, **overrides: Any):
-    """A lightning.Trainer from the ``trainer`` preset (cpu, gpu, ddp, ddp_spawn, ddp_cpu)."""
+    """A lightning.Trainer from the ``trainer`` preset (cpu, gpu, ddp, ddp_spawn, ddp_cpu).
+
+    Precision: ``precision=`` passed by the stage (its own knob: ``recover.precision``, relabel's
+    ``stage.precision``), else ``trainer.stage_precision[<stage name>]``, else ``trainer.precision``.
+    On a CUDA device the preset's ``trainer.perf`` options apply (``lpld.lit.perf``: cuDNN benchmark,
+    TF32, channels_last, torch.compile); a CPU run is untouched by them.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from lpld.lit.perf import GpuPerf, PerfOptions, apply_backend_flags, resolve_precision
+
     t = cfg.trainer
-    callbacks = list(callbacks or [])
+    stage = cfg.stage.get("name") if cfg.get("stage") is not None else None
+    precision = resolve_precision(t, None if stage is None else str(stage), overrides.pop("precision", None))
+    perf = PerfOptions.from_cfg(t.get("perf"))
+    apply_backend_flags(perf, str(t.accelerator))
+    callbacks = [*(callbacks or []), GpuPerf(perf)]
     bar = progress_enabled() and overrides.pop("enable_progress_bar", True)
     if bar:
         callbacks.append(RichProgressBar(leave=True) if _rich_ok() else TQDMProgressBar())
@@ -195,7 +213,7 @@ def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = 
         devices=t.devices,
         num_nodes=int(t.get("num_nodes", 1)),
         strategy=str(t.strategy),
-        precision=str(t.precision),
+        precision=precision,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         enable_progress_bar=bool(bar),

@@ -16,7 +16,6 @@ another config unless ``recover.overwrite=true``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,18 @@ import torch
 from omegaconf import DictConfig
 
 from lpld import paths
-from lpld.core.images import MANIFEST, class_dir_name, images_fingerprint, list_pngs, read_manifest
-from lpld.core.io import ArtifactError, atomic_write_json, fingerprint_obj, fingerprint_tensors, read_json
+from lpld.core.images import MANIFEST, class_dir_name, image_hashes, images_fingerprint, list_pngs, read_manifest
+from lpld.core.io import (
+    ArtifactError,
+    acquire_lock,
+    atomic_write_json,
+    drop_aside,
+    fingerprint_obj,
+    fingerprint_tensors,
+    move_aside,
+    read_json,
+    release_lock,
+)
 from lpld.stages import ConfigError
 
 log = logging.getLogger("lpld")
@@ -126,8 +135,13 @@ def resolve_settings(cfg: DictConfig) -> dict[str, Any]:
     s["flip"] = bool(_get(rc, "flip", True))
     s["init"] = str(_get(rc, "init", "random"))
     s["precision"] = str(_get(rc, "precision", "32-true"))
-    if s["iterations"] < 0 or s["lr"] <= 0 or s["jitter"] < 0:
-        raise ConfigError(f"recover.iterations >= 0, lr > 0, jitter >= 0 required; got {s}")
+    if s["iterations"] < 1 or s["lr"] <= 0 or s["jitter"] < 0:
+        # 0 iterations would write the Gaussian-noise initialisation as finished distilled images
+        bad = {k: s[k] for k in ("iterations", "lr", "jitter")}
+        raise ConfigError(
+            f"recover.iterations >= 1, recover.lr > 0 and recover.jitter >= 0 are required, got {bad}; set e.g. "
+            "recover.iterations=1000 (for real images without synthesis use recover=random_real)"
+        )
     if not 0 < s["rrc_scale_min"] <= s["rrc_scale_max"] <= 1:
         raise ConfigError("need 0 < recover.rrc_scale_min <= recover.rrc_scale_max <= 1")
     if s["init"] != "random":
@@ -140,7 +154,7 @@ def resolve_settings(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError("recover.group_classes must be >= 1")
     if name == "cda":
         cda = _get(rc, "cda", {}) or {}
-        s["cda"] = {"schedule": str(_get(cda, "schedule", "cosine")), "milestone": float(_get(cda, "milestone", 0.5))}
+        s["cda"] = {"schedule": str(_get(cda, "schedule", "cosine")), "milestone": float(_get(cda, "milestone", 1.0))}
         if s["cda"]["schedule"] not in ("step", "linear", "cosine") or not 0 <= s["cda"]["milestone"] <= 1:
             raise ConfigError("recover.cda.schedule must be step|linear|cosine and recover.cda.milestone in [0, 1]")
     if name == "rded":
@@ -151,9 +165,12 @@ def resolve_settings(cfg: DictConfig) -> dict[str, Any]:
             "candidates_per_class": int(_get(r, "candidates_per_class", 300)),
             "crops_per_image": int(_get(r, "crops_per_image", 5)),
             "crop_scale": [float(cs[0]), float(cs[1])],
+            "style": str(_get(r, "style", "official")),  # official: RDED's square half-size crops | lpld
         }
         if s["rded"]["factor"] < 1 or s["rded"]["crops_per_image"] < 1:
             raise ConfigError("recover.rded.factor and recover.rded.crops_per_image must be >= 1")
+        if s["rded"]["style"] not in ("official", "lpld"):
+            raise ConfigError(f"recover.rded.style must be official|lpld, got {s['rded']['style']!r}")
     if meth["kind"] != "optimize":  # knobs that do not affect these methods stay out of the identity
         for k in (*RECIPE_DEFAULTS, "rrc_scale_min", "rrc_scale_max", "flip", "init"):
             s.pop(k, None)
@@ -257,7 +274,11 @@ def finalize_manifest(job: RecoverJob) -> dict[str, Any]:
     man["classes_done"] = len(per_class)
     man["complete"] = len(per_class) == job.num_classes
     man["images_fingerprint"] = images_fingerprint(out) if man["complete"] else None
+    man["file_hashes"] = image_hashes(out) if man["complete"] else None  # checked file by file on load
     atomic_write_json(out / MANIFEST, man)
+    if man["complete"]:
+        drop_aside(out)  # recover.overwrite=true kept the replaced images until now
+        release_lock(out)
     return man
 
 
@@ -269,6 +290,7 @@ def prepare_output(job: RecoverJob, overwrite: bool) -> str:
             manifest) and ``overwrite`` is false.
     """
     out = Path(job.out_dir)
+    acquire_lock(out, "distilled images")  # one writer per images folder (released when complete / at exit)
     man = read_manifest(out) if out.exists() else None
     has_pngs = bool(list_pngs(out))
     if man is None and not has_pngs:
@@ -289,7 +311,7 @@ def prepare_output(job: RecoverJob, overwrite: bool) -> str:
             "replace them, or change seed/ipc/method so the run gets its own folder"
         )
     else:
-        _clear(out)
+        move_aside(out)  # kept as <folder>.replaced until the new images are complete (finalize_manifest)
         state = "fresh"
     if state == "fresh":
         out.mkdir(parents=True, exist_ok=True)
@@ -297,22 +319,6 @@ def prepare_output(job: RecoverJob, overwrite: bool) -> str:
         man.update(per_class_loss={}, classes_done=0, complete=False, images_fingerprint=None)
         atomic_write_json(out / MANIFEST, man)
     return state
-
-
-def _clear(out: Path) -> None:
-    """Remove what a recover run writes (class folders, manifest); nothing else."""
-    for _, f in list_pngs(out):
-        f.unlink()
-    for d in sorted(out.iterdir()) if out.exists() else []:
-        if d.is_dir() and d.name[:4].isdigit():
-            rec = d / RECORD
-            if rec.exists():
-                rec.unlink()
-            if not any(d.iterdir()):
-                d.rmdir()
-    m = out / MANIFEST
-    if m.exists():
-        m.unlink()
 
 
 def _check_stats(stats: dict[str, Any], teacher: torch.nn.Module, num_classes: int, classes: list[int], path: Path):
@@ -371,8 +377,17 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
         # auto: fill device batches up to max_batch_images. Small batches are overhead-bound
         # (measured on CPU: 10-image batches of a 28 px ConvNet ran ~10x slower per image).
         cpb = max(1, int(_get(rc, "max_batch_images", 256)) // max(1, int(cfg.ipc)))
+        # ...but give every rank at least one device batch (Lightning refuses an empty rank); the split
+        # does not change any image (each class's objective is independent of its batch mates)
+        cpb = min(int(cpb), max(1, -(-len(classes) // _planned_world(cfg))))
     cpb = int(cpb)
     batches = plan_batches(settings, classes, int(cfg.ipc), cpb)
+    world = _planned_world(cfg)
+    if len(batches) < world:
+        raise ConfigError(
+            f"recover has {len(batches)} device batches for {world} ranks (Lightning needs one per rank); lower "
+            f"recover.classes_per_batch (now {cpb}) or run on fewer devices (trainer.devices)"
+        )
     ident = {
         "settings": settings,
         "ipc": int(cfg.ipc),
@@ -435,10 +450,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     teacher, teacher_fp = load_teacher(cfg)
     job = build_job(cfg, teacher, teacher_fp)
-    if _launched_rank() == 0:
-        state = prepare_output(job, bool(_get(cfg.recover, "overwrite", False)))
-    else:  # a rank re-launched by `strategy=ddp`: rank 0 already prepared (or cleared) the folder
-        state = "resume"
+    from lpld import dist
+
+    # rank 0 decides fresh / resume / done and creates the folder; every rank takes its decision (a child
+    # re-launched by Lightning starts inside rank 0's Trainer, after rank 0 prepared: it resumes)
+    state = dist.decide(
+        lambda: prepare_output(job, bool(_get(cfg.recover, "overwrite", False))),
+        follow="resume",
+        accelerator=dist.accelerator_of(cfg),
+    )
     if state == "done":
         log.info("distilled images at %s are complete for this config; nothing to do", job.out_dir)
         return {"out_dir": job.out_dir, "state": state, **_summary(read_manifest(job.out_dir))}
@@ -468,9 +488,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"out_dir": job.out_dir, "state": state, **_summary(man)}
 
 
-def _launched_rank() -> int:
-    """Global rank of this process when a DDP launcher re-ran the command (0 otherwise)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+def _planned_world(cfg: DictConfig) -> int:
+    from lpld.dist import planned_world_size
+
+    return planned_world_size(cfg) if cfg.get("trainer") is not None else 1
 
 
 def _summary(man: dict[str, Any] | None) -> dict[str, Any]:

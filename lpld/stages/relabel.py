@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lpld import paths
-from lpld.core.augment import AugConfig, to_model_input
+from lpld.core.augment import AugConfig
 from lpld.core.io import ArtifactError, fingerprint_obj
 from lpld.core.label_store import LabelStore, StoreSpec, disk_bytes, finalize, prepare
 from lpld.core.quant import QuantConfig
@@ -27,16 +27,31 @@ from lpld.stages import ConfigError
 log = logging.getLogger("lpld")
 
 
+_DEFAULT_KNOBS = Path(__file__).resolve().parents[2] / "conf" / "stage" / "relabel.yaml"
+
+
 def _stage(cfg: DictConfig) -> Any:
-    """The relabel knobs: ``cfg.stage`` when running stage=relabel, else ``cfg.relabel`` if composed, else
-    defaults (the storage/student stages compute the same key from the same config)."""
-    if str(cfg.stage.get("name")) == "relabel":
-        return cfg.stage
+    """The relabel knobs, identical for every stage that locates the label store (relabel, storage, student).
+
+    A top-level ``relabel`` node (composed by experiments such as ``table9_ours_plus``) holds the knobs of
+    the run; under ``stage=relabel`` a ``stage.<key>`` that differs from conf/stage/relabel.yaml (a
+    command-line override) wins over it. Without the node: ``cfg.stage`` when running stage=relabel,
+    else conf/stage/relabel.yaml's defaults.
+    """
     node = cfg.get("relabel")
-    if node is not None:
-        return node
-    default = Path(__file__).resolve().parents[2] / "conf" / "stage" / "relabel.yaml"
-    return OmegaConf.load(default)
+    if str(cfg.stage.get("name")) == "relabel" and node is None:
+        return cfg.stage
+    if node is None:
+        return OmegaConf.load(_DEFAULT_KNOBS)
+    if str(cfg.stage.get("name")) == "relabel":
+        default = OmegaConf.load(_DEFAULT_KNOBS)
+        merged = OmegaConf.merge(node)  # a copy: the experiment's knobs ...
+        OmegaConf.set_struct(merged, False)  # (a `+stage.<new key>` may add keys the node lacks)
+        for k, v in cfg.stage.items():  # ... under the command line's stage.<key> overrides
+            if k not in default or v != default.get(k):
+                merged[k] = v
+        return merged
+    return node
 
 
 def _recipe(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -70,7 +85,7 @@ def aug_config(cfg: DictConfig) -> AugConfig:
         out_size=int(cfg.dataset.image_size),
         scale=(float(scale[0]), float(scale[1])),
         ratio=(float(st.rrc_ratio[0]), float(st.rrc_ratio[1])),
-        flip=bool(st.flip),
+        flip=bool(_recipe(cfg, "flip", True)),  # stage.flip, else the recipe's (in21k: false), else true
         mix=str(mix),
         cutmix_alpha=float(st.cutmix_alpha),
         cutout_factor=float(st.cutout_factor),
@@ -117,7 +132,8 @@ def _teacher_tag(cfg: DictConfig) -> str:
     if not teachers:
         return "self"
     plain = OmegaConf.to_container(teachers, resolve=True) if OmegaConf.is_config(teachers) else teachers
-    return f"ens{len(plain)}-{fingerprint_obj([plain, str(st.ensemble)])[:8]}"
+    rescale = bool(st.get("ensemble_rescale", False))
+    return f"ens{len(plain)}-{fingerprint_obj([plain, str(st.ensemble), rescale])[:8]}"
 
 
 def store_key(cfg: DictConfig) -> str:
@@ -139,7 +155,7 @@ def store_path(cfg: DictConfig) -> Path:
 
 
 def load_relabel_teacher(cfg: DictConfig) -> tuple[Any, str, dict[str, Any]]:
-    """The teacher (or EnsembleTeacher of ``stage.teachers`` (stage=relabel)), its fingerprint and manifest metadata."""
+    """The teacher (or EnsembleTeacher of the relabel knobs' ``teachers``), its fingerprint and manifest metadata."""
     from lpld.core.relabel import EnsembleTeacher
     from lpld.stages.common import load_teacher
 
@@ -156,12 +172,22 @@ def load_relabel_teacher(cfg: DictConfig) -> tuple[Any, str, dict[str, Any]]:
         models.append(m)
         fps.append(fp)
         names.append(paths.teacher_key(sub))
-    ens = EnsembleTeacher(models, str(st.ensemble))
-    fp = fingerprint_obj([fps, str(st.ensemble)])
-    return ens, fp, {"teacher": names, "teacher_fingerprints": fps, "ensemble": str(st.ensemble)}
+    rescale = bool(st.get("ensemble_rescale", False))
+    ens = EnsembleTeacher(models, str(st.ensemble), rescale=rescale)
+    fp = fingerprint_obj([fps, str(st.ensemble), rescale])
+    meta = {"teacher": names, "teacher_fingerprints": fps, "ensemble": str(st.ensemble), "ensemble_rescale": rescale}
+    return ens, fp, meta
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Generate (or resume) the label store of this config; every rank returns the same summary.
+
+    Rank 0 alone prepares the store (create / check / resume decision), the decision is broadcast
+    (``lpld.dist.decide``); after the predict loop every rank waits for every commit, rank 0 hashes the
+    store (``finalize``) and a barrier holds the others until the store is complete, so the next
+    stage never opens a half-written store.
+    """
+    from lpld import dist
     from lpld.core.images import load_distilled
     from lpld.core.storage_accounting import format_table
     from lpld.lit.relabel_datamodule import RelabelDataModule
@@ -173,7 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     images_dir = paths.images_dir(cfg)
     images, _labels, img_man = load_distilled(
         images_dir,
-        expect_teacher_fingerprint=None if st.get("teachers") else teacher_fp,
+        expect_teacher_fingerprint=None if "ensemble" in tmeta else teacher_fp,  # images come from model=
         allow_other_teacher=bool(st.allow_other_teacher),
     )
     ds = dataset_spec(cfg)
@@ -192,32 +218,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "image_bytes": {"png_files": int(png_bytes), "uint8_pixels": int(images.numel())},
         **tmeta,
     }
-    state = prepare(path, spec, meta, overwrite=bool(st.overwrite))
+    bpf = st.get("batches_per_forward")
+    if bpf is not None and int(bpf) < 1:
+        raise ConfigError(f"stage.batches_per_forward must be >= 1 or null (auto), got {bpf}")
+    acc = dist.accelerator_of(cfg)
+    # a child re-launched by Lightning starts inside rank 0's Trainer: rank 0 prepared the store already
+    state = dist.decide(
+        lambda: prepare(path, spec, meta, overwrite=bool(st.overwrite)), follow="resume", accelerator=acc
+    )
     if state == "complete":
         log.info("label store %s is complete for this config; nothing to do", path)
     else:
         log.info("relabel (%s): %s", state, path)
-        x = to_model_input(images, ds.mean, ds.std)
         nw = st.get("num_workers")
-        dm = RelabelDataModule(path, x, num_workers=num_workers(cfg) if nw is None else int(nw))
-        module = RelabelModule(teacher, path, chunk=int(st.chunk))
+        dm = RelabelDataModule(
+            path, None if bpf is None else int(bpf), num_workers=num_workers(cfg) if nw is None else int(nw)
+        )
+        module = RelabelModule(teacher, path, images, ds.mean, ds.std, chunk=int(st.chunk))
+        del images  # the module holds the only copy (moved to the device by the Trainer)
         trainer = build_trainer(
             cfg, logger=None, use_distributed_sampler=False, inference_mode=True, precision=str(st.precision)
         )
         trainer.predict(module, datamodule=dm, return_predictions=False)
-        # under per-rank launchers (strategy=ddp) every rank returns here: wait for all commits
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        if trainer.global_rank != 0:
-            return {}
-        finalize(path)
+        # per-rank launchers: every rank returns here; wait for all commits before rank 0 hashes
+        dist.barrier()
+        if dist.rank() == 0:
+            finalize(path)
+        dist.barrier()  # nobody opens the store before rank 0 marked it complete
     store = LabelStore.open(path, verify="fast")
     man = store.manifest
-    acc = man["accounting"]
-    rows = sorted(acc["components"].items()) + [("npy_headers", acc["npy_headers"])]
-    print(format_table(rows, f"label store {path} ({len(store)} batches)"))
+    acc_tbl = man["accounting"]
     on_disk = disk_bytes(path)
-    print(f"bytes on disk (incl. manifest): {on_disk:,d}; disk / accounting = {on_disk / acc['total']:.4f}")
-    return {"path": str(path), "batches": len(store), "label_bytes": acc["total"], "disk_bytes": on_disk}
+    if dist.rank() == 0:
+        rows = sorted(acc_tbl["components"].items()) + [("npy_headers", acc_tbl["npy_headers"])]
+        print(format_table(rows, f"label store {path} ({len(store)} batches)"))
+        print(f"bytes on disk (incl. manifest): {on_disk:,d}; disk / accounting = {on_disk / acc_tbl['total']:.4f}")
+    return {"path": str(path), "batches": len(store), "label_bytes": acc_tbl["total"], "disk_bytes": on_disk}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from lpld import paths
-from lpld.core.io import fingerprint_obj
+from lpld.core.io import ArtifactError, acquire_lock, drop_aside, fingerprint_obj, move_aside, release_lock
+from lpld.stages import ConfigError
 from lpld.stages.common import (
     build_logger,
     build_trainer,
@@ -62,7 +62,9 @@ def teacher_config_fingerprint(cfg: DictConfig) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
 
+    from lpld import dist
     from lpld.data import build_dataset
+    from lpld.data.epoch_seeded import EpochSeededDataset, EpochShardSampler
     from lpld.data.transforms import eval_transform, train_transform
     from lpld.lit.classifier import ClassifierModule
 
@@ -72,33 +74,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = paths.teacher_dir(cfg)
     weights = paths.teacher_weights_path(cfg)
     cfg_fp = teacher_config_fingerprint(cfg)
-    if weights.exists() and not cfg.stage.overwrite:
-        blob = read_teacher_file(weights)
-        if blob.get("config_fingerprint") == cfg_fp:
-            log.info("teacher exists at %s (val %s); reusing it (stage.overwrite=true retrains)", weights, blob["val"])
-            return {"reused": True, **blob["val"]}
-        raise FileExistsError(
-            f"{weights} holds a teacher trained with a different recipe/config (fingerprint "
-            f"{blob.get('config_fingerprint')} vs {cfg_fp}). Pass stage.overwrite=true to retrain it, or "
-            "model.tag=<name> to keep both"
-        )
     st = squeeze_settings(cfg)
+    try:  # the recipe's batch is global: each of W ranks loads batch / W images per step
+        per_rank = dist.per_rank_batch(st["batch_size"], dist.planned_world_size(cfg), "stage.batch_size")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+    def decide() -> dict[str, Any] | None:
+        """Rank 0: the finished teacher's val metrics (reuse), None (train / resume), or an error."""
+        acquire_lock(out_dir, "teacher")  # one writer per teacher folder (released when done, or at exit)
+        if weights.exists() and not cfg.stage.overwrite:
+            blob = read_teacher_file(weights)
+            if blob.get("config_fingerprint") == cfg_fp:
+                release_lock(out_dir)
+                return dict(blob["val"])
+            raise ArtifactError(
+                f"{weights} holds a teacher trained with a different recipe/config (fingerprint "
+                f"{blob.get('config_fingerprint')} vs {cfg_fp}). Rerun with stage.overwrite=true to retrain it, or "
+                "set model.tag=<name> to keep both"
+            )
+        if cfg.stage.overwrite and out_dir.exists():
+            # start over (no resume from its last.ckpt); the old folder is kept as teacher.replaced until the new
+            # teacher.pt is written
+            move_aside(out_dir)
+        return None
+
+    # rank 0 decides and moves things aside; a child re-launched by Lightning starts inside rank 0's Trainer
+    reused = dist.decide(decide, follow=None, accelerator=dist.accelerator_of(cfg))
+    if reused is not None:
+        log.info("teacher exists at %s (val %s); reusing it (stage.overwrite=true retrains)", weights, reused)
+        return {"reused": True, **reused}
     spec = dataset_spec(cfg)
     L.seed_everything(teacher_seed(cfg), workers=True, verbose=False)
     train = build_dataset(cfg.dataset, "train", transform=train_transform(cfg.dataset))
     val = build_dataset(cfg.dataset, "val", transform=eval_transform(cfg.dataset))
     nw = num_workers(cfg)
-    g = torch.Generator().manual_seed(teacher_seed(cfg))
+    # order and augmentation are keyed by (teacher_seed, epoch, sample), not drawn from a stream, so a run
+    # resumed from last.ckpt trains on the same batches and crops as an uninterrupted one (same bytes), and
+    # W ranks of B / W images together hold the one-process batch (lpld.data.epoch_seeded)
+    tseed = teacher_seed(cfg)
     train_dl = DataLoader(
-        train,
-        batch_size=st["batch_size"],
-        shuffle=True,
+        EpochSeededDataset(train, tseed),
+        batch_size=per_rank,
+        sampler=EpochShardSampler(len(train), tseed),
         drop_last=True,
         num_workers=nw,
-        generator=g,
         persistent_workers=nw > 0,
     )
-    val_dl = DataLoader(val, batch_size=max(256, st["batch_size"]), num_workers=nw, persistent_workers=nw > 0)
+    val_dl = DataLoader(
+        EpochSeededDataset(val, tseed),
+        batch_size=max(256, st["batch_size"]),
+        sampler=EpochShardSampler(len(val), tseed, shuffle=False, drop_remainder=False),
+        num_workers=nw,
+        persistent_workers=nw > 0,
+    )
 
     module = ClassifierModule(
         model_cfg=to_container(cfg.model),
@@ -130,12 +159,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             callbacks=[ckpt, *extra_callbacks],
             max_epochs=st["epochs"],
             check_val_every_n_epoch=int(cfg.stage.val_every),
+            use_distributed_sampler=False,  # the samplers above shard by rank themselves
         )
         trainer.fit(module, train_dl, val_dl, ckpt_path=resume, weights_only=True)
     finally:
         finish_logger(logger)
+    dist.barrier()  # rank 0 wrote teacher.pt in on_fit_end; per-rank launches read it next
     if trainer.interrupted or not weights.exists():
         raise RuntimeError(f"teacher training was interrupted; rerun the same command to resume from {last}")
     blob = read_teacher_file(weights)
+    if dist.rank() == 0:
+        drop_aside(out_dir)
+        release_lock(out_dir)
     log.info("teacher saved to %s: %s", weights, blob["val"])
     return dict(blob["val"])

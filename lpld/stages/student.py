@@ -29,10 +29,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lpld import paths
 from lpld.core import quant
-from lpld.core.io import ArtifactError, atomic_write_json, fingerprint_obj, read_json
+from lpld.core.io import (
+    ArtifactError,
+    acquire_lock,
+    atomic_write_json,
+    drop_aside,
+    fingerprint_obj,
+    move_aside,
+    read_json,
+    release_lock,
+)
 from lpld.core.label_pool import GRANULARITIES, ORDERS, pool_size, select_pool
 from lpld.core.prune_metrics import METRICS, batch_score, per_sample_scores
-from lpld.core.results import append_record, results_file
+from lpld.core.results import results_file
 from lpld.core.temperature import CA_MODES, SCHEDULES
 from lpld.stages import ConfigError
 from lpld.stages.common import build_logger, build_trainer, dataset_spec, finish_logger, num_workers, to_container
@@ -71,6 +80,8 @@ def student_settings(cfg: DictConfig, store_manifest: dict[str, Any]) -> dict[st
         "optimizer": str(pick("optimizer", "adamw")),
         "lr": float(pick("lr", 1e-3)),
         "weight_decay": float(pick("weight_decay", 0.01)),
+        # official students decay only weight matrices / kernels (utils.get_parameters); false = decay all
+        "wd_exclude_bn_bias": bool(pick("wd_exclude_bn_bias", True)),
         "momentum": float(pick("momentum", 0.9)),
         "warmup_epochs": float(pick("warmup_epochs", 0)),
         "warmup_start": float(s.get("warmup_start", 0.01)),
@@ -78,6 +89,8 @@ def student_settings(cfg: DictConfig, store_manifest: dict[str, Any]) -> dict[st
         "label_smoothing": float(pick("label_smoothing", 0.0)),
         "loss": str(s.get("loss", "kl")),
         "gamma": float(s.get("gamma", 0.1)),
+        "mse_target": str(pick("mse_target", "logits")),  # mse_gt: G-VBSM's raw logits (official) | probs
+        "smoothing_space": str(pick("smoothing_space", "probs")),  # label smoothing on probs | logits (in21k)
         "kd_t2": bool(pick("kd_t2", False)),
         "temperature": float(pick("temperature", 4.0)),
         "temp_schedule": str(s.get("temp_schedule", "none")),
@@ -85,6 +98,7 @@ def student_settings(cfg: DictConfig, store_manifest: dict[str, Any]) -> dict[st
         "temp_gamma": float(s.get("temp_gamma", 0.7)),
         "temp_floor": float(s.get("temp_floor", 2.0)),
         "temp_min": float(s.get("temp_min", 1.0)),
+        "temp_epoch_base": int(s.get("temp_epoch_base", 1)),  # DKR: 1-based epochs as the public LPQLD code
         "ca": str(s.get("ca", "none")),
         "ca_value": float(s.get("ca_value", 1.0)),
         "ca_grid": [float(v) for v in (s.get("ca_grid") or [0.01, 1.0, 100])],
@@ -94,6 +108,12 @@ def student_settings(cfg: DictConfig, store_manifest: dict[str, Any]) -> dict[st
         "batch_size": s.get("batch_size"),
     }
     _validate_settings(out)
+    qmode = str((store_manifest.get("quant") or {}).get("mode", "none"))
+    if out["loss"] == "mse_gt" and out["mse_target"] == "logits" and qmode != "none":
+        raise ConfigError(
+            f"student.loss=mse_gt matches the teacher's full logits (G-VBSM), but this label store is quant={qmode}; "
+            "relabel with quant=none, or set student.mse_target=probs (MSE between distributions)"
+        )
     return out
 
 
@@ -113,6 +133,11 @@ def _validate_settings(st: dict[str, Any]) -> None:
         raise ConfigError(f"student.epochs must be >= 1, got {st['epochs']}")
     if st["accumulate"] < 1:
         raise ConfigError(f"student.accumulate must be >= 1, got {st['accumulate']}")
+    from lpld.core.kd_loss import MSE_TARGETS, SMOOTHING_SPACES
+
+    for key, valid in (("mse_target", MSE_TARGETS), ("smoothing_space", SMOOTHING_SPACES)):
+        if st[key] not in valid:
+            raise ConfigError(f"unknown student.{key}={st[key]!r}; valid: {', '.join(valid)}")
     if len(st["ca_grid"]) != 3:
         raise ConfigError(f"student.ca_grid must be [lo, hi, n], got {st['ca_grid']}")
 
@@ -262,6 +287,35 @@ class Pool:
     label_bytes: int  # accounting total of the pooled batches (labels + augmentation records)
     label_only_bytes: int  # of which soft/hard label arrays
     target_ratio: float
+    achieved: dict[str, Any] | None = None  # label_store.achieved_ratio of the pool against the full schedule
+
+
+def _achieved(cfg: DictConfig, store: Any, kept: int, ratio: float, name: str) -> dict[str, Any]:
+    """The pruning the pool really achieves (kept stored batches / batches of the full schedule), checked.
+
+    A ratio the schedule cannot reach within ``RATIO_REFUSE`` is refused (ArtifactError naming the fix);
+    within it but off by more than ``RATIO_WARN`` the run goes on with a warning, and the record carries
+    the achieved ratio and factor next to the requested ones.
+    """
+    from lpld.core.label_store import achieved_ratio
+
+    man = store.manifest
+    units = int(man["epochs"]) * int(man["batches_per_epoch"])
+    what = f"the label schedule ({man['epochs']} epochs x {man['batches_per_epoch']} batches)"
+    if ratio <= 0 and kept == units:
+        return {"ratio": 0.0, "factor": 1.0, "requested_factor": 1.0, "off": False}
+    out = achieved_ratio(units, kept, ratio, name, what)
+    if out["off"]:
+        log.warning(
+            "prune=%s asks for %.1fx but the pool keeps %d of %d stored batches: %.2fx; the record says so "
+            "(prune.achieved_factor)",
+            name,
+            out["requested_factor"],
+            kept,
+            units,
+            out["factor"],
+        )
+    return out
 
 
 def build_pool(cfg: DictConfig, store: Any, image_labels: torch.Tensor) -> Pool:
@@ -278,6 +332,7 @@ def build_pool(cfg: DictConfig, store: Any, image_labels: torch.Tensor) -> Pool:
             int(acc["total"]),
             int(acc["labels_bytes"]),
             float(man["prune"]["ratio"]),
+            _achieved(cfg, store, len(store), float(man["prune"]["ratio"]), str(man["prune"]["name"])),
         )
     src_ratio = float(man["prune"]["ratio"])
     if src_ratio > 0:
@@ -288,13 +343,14 @@ def build_pool(cfg: DictConfig, store: Any, image_labels: torch.Tensor) -> Pool:
             m["source_prune"],
         )
     keep = pool_size(len(store), ratio)
+    achieved = _achieved(cfg, store, keep, ratio, str(cfg.prune.get("name")))
     log.info("scoring %d stored batches by %s to keep %d (%s order)", len(store), m["name"], keep, m["order"])
     scores = score_store(store, m["name"], image_labels)
     rows = select_pool(scores, keep, m["order"], m["drop_easy"], m["drop_hard"], seed=int(cfg.seed))
     offs = np.asarray(store.arrays["row_offsets"], dtype=np.int64)
     n_rows = int((offs[rows + 1] - offs[rows]).sum())
     kept = accounting(array_layout(store.spec, len(rows), n_rows))
-    return Pool(rows, int(kept["total"]), int(kept["labels_bytes"]), ratio)
+    return Pool(rows, int(kept["total"]), int(kept["labels_bytes"]), ratio, achieved)
 
 
 def full_store_bytes(store: Any) -> int:
@@ -316,7 +372,13 @@ def full_store_bytes(store: Any) -> int:
 def training_kwargs(st: dict[str, Any]) -> dict[str, Any]:
     """StudentModule's loss / temperature (DKR) / CA / optimizer arguments from resolved settings."""
     return {
-        "loss": {"name": st["loss"], "gamma": st["gamma"], "t2": st["kd_t2"]},
+        "loss": {
+            "name": st["loss"],
+            "gamma": st["gamma"],
+            "t2": st["kd_t2"],
+            "mse_target": st["mse_target"],
+            "smoothing_space": st["smoothing_space"],
+        },
         "temp": {
             "t0": st["temperature"],
             "schedule": st["temp_schedule"],
@@ -324,6 +386,7 @@ def training_kwargs(st: dict[str, Any]) -> dict[str, Any]:
             "gamma": st["temp_gamma"],
             "floor": st["temp_floor"],
             "t_min": st["temp_min"],
+            "epoch_base": st["temp_epoch_base"],
         },
         "ca": {
             "mode": st["ca"],
@@ -340,6 +403,7 @@ def training_kwargs(st: dict[str, Any]) -> dict[str, Any]:
             "warmup_epochs": st["warmup_epochs"],
             "warmup_start": st["warmup_start"],
             "scheduler": st["scheduler"],
+            "wd_exclude_bn_bias": st["wd_exclude_bn_bias"],
         },
     }
 
@@ -348,13 +412,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lpld import dist
     from lpld.core.images import load_distilled
     from lpld.core.label_store import LabelStore
     from lpld.core.storage_accounting import image_bytes as raw_image_bytes
     from lpld.data import build_dataset
     from lpld.data.transforms import eval_transform
+    from lpld.lit.perf import resolve_precision
     from lpld.lit.student_module import StudentData, StudentModule
 
+    # per-rank launches (torchrun / srun): form the process group now and export RANK, so every rank-0-only
+    # step below (locks, moving a run aside, writing the record) knows its rank
+    dist.ensure_group(dist.accelerator_of(cfg))
     spec = dataset_spec(cfg)
     metric = metric_settings(cfg)
     images_dir = paths.images_dir(cfg)
@@ -371,7 +440,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = student_model_cfg(cfg)
 
     # what makes two runs train differently: knobs, pool, architecture, seed, store, images, world size
-    # (each rank takes its own stored batches per step) and precision
+    # (the global batch and step count are the recipe's at any world size, but BatchNorm normalises each
+    # rank's rows on their own) and the precision the student actually trains in
     run_key_obj = {
         "student": st,
         "metric": metric,
@@ -380,13 +450,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "store": store_dir.name,
         "images": img_man.get("images_fingerprint"),
         "world": _world_size(cfg),
-        "precision": str(cfg.trainer.get("precision", "32-true")),
+        "precision": resolve_precision(cfg.trainer, "student"),
     }
     run_key = f"{model_cfg['name']}-{fingerprint_obj(run_key_obj)}"
     run_dir = students_dir(store_dir) / run_key
     final_path = run_dir / "final.json"
-    if final_path.exists() and not cfg.stage.get("overwrite", False):
-        done = read_json(final_path)
+    results_out = results_file(paths.results_dir(cfg), str(cfg.stage.get("results_name", "results")))
+    overwrite = bool(cfg.stage.get("overwrite", False))
+
+    def decide() -> dict[str, Any] | None:
+        """Rank 0: the finished run's summary (reuse), or None (train / resume) after any overwrite move."""
+        acquire_lock(run_dir, "student run")  # one writer per run folder (released when it finishes, or at exit)
+        if final_path.exists() and not overwrite:
+            done = read_json(final_path)
+            # records are a function of the finished run: write it where this command asks, if missing
+            _ensure_record(results_out, done, cfg)
+            release_lock(run_dir)
+            return done
+        if overwrite and run_dir.exists():
+            # retrain from scratch: no resume from its last.ckpt; the old run stays at <run>.replaced until this
+            # one has written its record, and its record is then replaced (never duplicated)
+            move_aside(run_dir)
+        return None
+
+    # rank 0 decides and moves things; every rank takes the same branch and reads last.ckpt only afterwards
+    done = dist.decide(decide, follow=None, accelerator=dist.accelerator_of(cfg))
+    if done is not None:
         log.info("student %s already finished (top1 %.4f); stage.overwrite=true retrains", run_key, done["top1"])
         return {"top1": done["top1"], "top5": done["top5"], "reused": True}
 
@@ -438,6 +527,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     last = run_dir / "last.ckpt"
     resume = str(last) if last.exists() else None
+    if resume and not checkpoint_readable(last):
+        raise ArtifactError(
+            f"student checkpoint {last} is truncated or corrupt (an interrupted write or a full disk); rerun the "
+            "same command with stage.overwrite=true to retrain this student from scratch (the old run folder is "
+            f"kept as {run_dir.name}.replaced until the new run finishes)"
+        )
     if resume:
         log.info("resuming student training from %s", last)
     val_every = int(cfg.stage.get("val_every", 10))
@@ -454,7 +549,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             use_distributed_sampler=False,
             check_val_every_n_epoch=val_every if val_every > 0 else st["epochs"] + 1,
         )
-        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        except (OSError, RuntimeError) as e:
+            if _disk_full(e):
+                removed = remove_partial_checkpoints(run_dir)
+                raise ArtifactError(
+                    f"the disk holding {run_dir} filled up while training the student (removed "
+                    f"{len(removed)} partial checkpoint file(s); complete checkpoints are kept); free some space or "
+                    "point paths.artifacts at a larger volume, then rerun the same command to resume"
+                ) from e
+            raise
         if trainer.interrupted:
             raise RuntimeError(f"student training was interrupted; rerun the same command to resume from {last}")
         fit_s = time.perf_counter() - t0
@@ -473,6 +578,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "prune": {
             "name": str(cfg.prune.get("name")),
             "ratio": pool.target_ratio,
+            # what the pool really keeps of the full schedule (a short schedule cannot reach every ratio)
+            "achieved_ratio": float((pool.achieved or {}).get("ratio", pool.target_ratio)),
+            "achieved_factor": float((pool.achieved or {}).get("factor", 1.0 / (1.0 - pool.target_ratio))),
             "granularity": str(man["prune"]["granularity"]),
             "store_prune": man["prune"],
         },
@@ -493,30 +601,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "run_key": run_key,
         "store_dir": str(store_dir),
         "pool_batches": int(len(pool.rows)),
+        # the recipe at this world size: ranks split each stored batch, so the global batch is the store's
+        "world_size": _world_size(cfg),
+        "global_batch": int(man["batch_size"]),
+        **_epoch_accounting(trainer),
     }
     if trainer.is_global_zero:
-        out = results_file(paths.results_dir(cfg), str(cfg.stage.get("results_name", "results")))
-        append_record(out, record)
-        atomic_write_json(final_path, {"top1": top1, "top5": top5, "results_file": str(out), "run_key": run_key})
+        out = results_out
+        put_record(out, record)  # replaces this run_key's record if an overwritten run left one
+        final = {"top1": top1, "top5": top5, "results_file": str(out), "run_key": run_key, "record": record}
+        atomic_write_json(final_path, final)
+        drop_aside(run_dir)  # stage.overwrite=true: the replaced run goes only now
+        release_lock(run_dir)
         log.info("student %s: top1 %.4f top5 %.4f -> %s", run_key, top1, top5, out)
+    dist.barrier()  # per-rank launches: no rank moves on (e.g. to stage=report) before the record exists
     return {"top1": top1, "top5": top5}
 
 
 def _world_size(cfg: DictConfig) -> int:
     """Processes the trainer preset will run (devices x nodes; devices=-1 means every visible GPU)."""
-    devices = cfg.trainer.get("devices", 1)
-    if isinstance(devices, int) and devices > 0:
-        n = devices
-    elif isinstance(devices, int):
-        n = max(1, torch.cuda.device_count())
-    else:
-        n = len(devices)
-    return n * int(cfg.trainer.get("num_nodes", 1))
+    from lpld.dist import planned_world_size
+
+    return planned_world_size(cfg)
 
 
 def _steps_per_epoch(cfg: DictConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps per epoch on this run's world size (each rank takes ceil(n / W) stored batches)."""
-    return -(-batches_per_epoch // _world_size(cfg))
+    """Optimizer steps per epoch: one per stored batch at any world size (ranks split each batch's rows)."""
+    return int(batches_per_epoch)
+
+
+def _epoch_accounting(trainer: Any) -> dict[str, Any]:
+    """Rows trained (all ranks) and optimizer steps in the last epoch, from the logged epoch sums."""
+    m = trainer.callback_metrics
+    rows, steps = m.get("train/rows"), m.get("train/steps")
+    if rows is None or steps is None:
+        return {}
+    rows, steps = float(rows), float(steps)
+    return {
+        "last_epoch_rows": int(round(rows)),
+        "last_epoch_steps": int(round(steps)),
+        "rows_per_step": rows / max(1.0, steps),
+        "last_epoch_train_loss": float(m["train/loss"]) if m.get("train/loss") is not None else None,
+    }
 
 
 def _teacher_fingerprint(cfg: DictConfig) -> str | None:
@@ -531,3 +657,90 @@ def _teacher_fingerprint(cfg: DictConfig) -> str | None:
     if not p.exists():
         return None
     return read_teacher_file(p).get("fingerprint")
+
+
+def _ensure_record(out: Path, done: dict[str, Any], cfg: DictConfig) -> None:
+    """A finished run's record in the requested results file: written from final.json when missing there."""
+    from lpld.core.results import load_records
+
+    run_key = done.get("run_key")
+    if out.exists() and any(r.get("run_key") == run_key for r in load_records(out)):
+        return
+    record = done.get("record")
+    if record is None:
+        log.warning(
+            "student %s finished before records were kept in final.json, so its record cannot be written to %s; "
+            "rerun with stage.overwrite=true to retrain it and record it",
+            run_key,
+            out,
+        )
+        return
+    record = dict(record, config=to_container(cfg))  # same run (same run_key); this command's config
+    put_record(out, record)
+    log.info("student %s: wrote its record to %s", run_key, out)
+
+
+def put_record(path: Path, record: dict[str, Any]) -> None:
+    """Add ``record`` to a results file, replacing any record of the same ``run_key`` (under the file's lock).
+
+    A retrained run (``stage.overwrite=true``) thus never leaves two records; other lines are kept byte for byte.
+    """
+    import fcntl
+    import json
+
+    from lpld.core.io import atomic_write_bytes
+    from lpld.core.results import append_record
+
+    if not path.exists():
+        append_record(path, record)
+        return
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:  # the lock append_record takes
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            kept = []
+            for raw in path.read_bytes().splitlines():
+                try:
+                    same = json.loads(raw).get("run_key") == record["run_key"]
+                except (json.JSONDecodeError, AttributeError):
+                    same = False
+                if not same and raw.strip():
+                    kept.append(raw + b"\n")
+            atomic_write_bytes(path, b"".join(kept))
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    append_record(path, record)
+
+
+def checkpoint_readable(path: Path) -> bool:
+    """A complete checkpoint file: torch.save's zip container with every member's CRC intact (nothing unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete the checkpoint files of ``run_dir`` that are incomplete (a write cut by a full disk) and temp files."""
+    removed = []
+    for f in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        partial = f.suffix == ".ckpt" and not checkpoint_readable(f)
+        if f.is_file() and (partial or ".tmp" in f.name or f.name.startswith(".")):
+            f.unlink()
+            removed.append(f)
+    return removed
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """An exception (or its cause) that is a full disk: OSError ENOSPC/EDQUOT, or torch's stream writer saying so."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        if isinstance(e, RuntimeError) and ("No space left" in str(e) or "file write failed" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -1,0 +1,451 @@
+"""GPU benchmark (``python -m lpld.bench --device cuda``) at ImageNet shape: ResNet-18, 224 px, 1000 classes.
+
+Every ratio is measured in the same run, against a baseline on the same device, model and data; all
+class-wise statistics targets are synthetic (no dataset needed). Times are wall-clock with
+``torch.cuda.synchronize()`` before each reading; the first iteration(s) of each loop are warm-up and
+not timed. Peak memory is ``torch.cuda.max_memory_allocated`` of each section (GiB).
+
+* ``recover_img_per_s_ipc10`` / ``_ipc50``: LPLD recover (``lpld.core.synthesis.synthesize``, class-wise
+  batching + class-wise targets), device batches filled up to ``max_batch_images`` (256, the recover
+  default): images optimised per second (each image counted once per iteration).
+* ``recover_speedup_vs_per_class`` (IPC 10; ``_ipc50``): the same work done the official way, measured
+  here: one class per batch, sequentially, with a faithful re-implementation of the official loop (one
+  RandomResizedCrop + flip per batch, BN forward hooks that compute mean/var over the batch and the
+  norm to the class's targets, CE + alpha * BN loss, Adam, clip). Target >= 3.
+* ``stats_over_forward``: ``ClasswiseBNStats.update`` (exact mode) / plain eval forward, batch 256, random
+  labels over 1000 classes. Target <= 1.2. ``stats_official_over_forward``: a faithful re-implementation
+  of the official per-class Python loop (per BN layer, per class present in the batch: mean/var of that
+  class's rows, EMA update with momentum 0.1); ``stats_official_over_lpld`` the ratio of the two.
+* ``relabel_img_per_s`` / ``relabel_over_forward``: ``lpld.core.relabel.generate`` on the device (draw on
+  the host, replay on the device, teacher forward, quantization on the device, one host copy of the
+  labels, memory-mapped writes) / a plain eval forward of the same batches. Batch 128, quant none,
+  explicit records, fp32 (the relabel default) with the preset's TF32. Target <= 1.2.
+* ``student_over_fwdbwd``: one student epoch through Lightning (``StudentModule`` + ``StudentData`` on a
+  real store: replay of the stored augmentation incl. CutMix on the device, label decoding, KL, backward,
+  AdamW step) at bf16-mixed (the GPU preset) / a plain bf16 forward + backward of the same model on the
+  same number of already-augmented batches. Batch 128. Target <= 1.2.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpld.core import augment
+from lpld.core.bn_hooks import bn_layers
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TARGETS = {
+    "recover_speedup_vs_per_class": (">=", 3.0),
+    "stats_over_forward": ("<=", 1.2),
+    "relabel_over_forward": ("<=", 1.2),
+    "student_over_fwdbwd": ("<=", 1.2),
+}
+
+
+@torch.no_grad()
+def _resnet18(num_classes: int, img: int, device: torch.device) -> nn.Module:
+    """ResNet-18 (torchvision) with non-trivial running statistics, eval mode, frozen."""
+    from lpld.models import build_model
+
+    m = build_model({"name": "resnet18"}, num_classes=num_classes, in_chans=3, img_size=img).to(device)
+    m.train()
+    for _ in range(2):
+        m(torch.randn(32, 3, img, img, device=device))
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def _synthetic_targets(model: nn.Module, num_classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    layers = bn_layers(model)
+    mean = [m.running_mean.cpu() + 0.1 * torch.randn(num_classes, m.num_features, generator=g) for _, m in layers]
+    var = [m.running_var.cpu() * (0.5 + torch.rand(num_classes, m.num_features, generator=g)) for _, m in layers]
+    return mean, var
+
+
+# ----------------------------------------------------------------------------------------------- recover
+def _recover_lpld(model, mean, var, ipc, classes, iters, img, device) -> float:
+    """Seconds per iteration of lpld's batched recover (median over iterations after the first)."""
+    from lpld.core.recover_loss import LossWeights
+    from lpld.core.synthesis import SynthesisConfig, plan_units, synthesize
+
+    cfg = SynthesisConfig(
+        iterations=iters,
+        lr=0.25,
+        ipc=ipc,
+        channels=3,
+        image_size=img,
+        weights=LossWeights(alpha=0.01, first_bn_multiplier=10.0),
+        pixel_min=tuple(-m / s for m, s in zip(MEAN, STD)),
+        pixel_max=tuple((1 - m) / s for m, s in zip(MEAN, STD)),
+        roll=0,
+    )
+    stamps: list[float] = []
+
+    def on_step(t, losses):
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    synthesize(model, plan_units(classes, ipc, "class", True), cfg, mean, var, device=device, on_step=on_step)
+    return statistics.median(b - a for a, b in zip(stamps[:-1], stamps[1:]))
+
+
+class _OfficialBNHook:
+    """The official loss hook: batch mean/var of the BN input, L2 norms to the (class's) targets."""
+
+    def __init__(self, module: nn.Module):
+        self.handle = module.register_forward_hook(self.hook)
+        self.target_mean: torch.Tensor | None = None
+        self.target_var: torch.Tensor | None = None
+        self.r_feature: torch.Tensor | None = None
+
+    def hook(self, module, inputs, output):
+        x = inputs[0]
+        nch = x.shape[1]
+        mean = x.mean([0, 2, 3])
+        var = x.permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(self.target_mean - mean, 2) + torch.norm(self.target_var - var, 2)
+
+
+def _recover_per_class(model, mean, var, ipc, classes, iters, img, device) -> float:
+    """Seconds per class-iteration of the official loop: one class per batch, classes one after another."""
+    from torchvision.transforms import v2
+
+    hooks = [_OfficialBNHook(m) for _, m in bn_layers(model)]
+    crop = v2.Compose([v2.RandomResizedCrop(img, scale=(0.08, 1.0), antialias=False), v2.RandomHorizontalFlip()])
+    lo = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=device).view(1, 3, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)], device=device).view(1, 3, 1, 1)
+    times: list[float] = []
+    try:
+        for c in classes:
+            for h, m, v in zip(hooks, mean, var):
+                h.target_mean, h.target_var = m[c].to(device), v[c].to(device)
+            x = torch.randn(ipc, 3, img, img, device=device, requires_grad=True)
+            y = torch.full((ipc,), c, device=device, dtype=torch.long)
+            opt = torch.optim.Adam([x], lr=0.25, betas=(0.5, 0.9), eps=1e-8)
+            for it in range(iters):
+                _sync(device)
+                t0 = time.perf_counter()
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * (1 + math.cos(math.pi * it / iters)) * 0.25
+                out = model(crop(x))
+                loss_bn = sum(
+                    (10.0 if i == 0 else 1.0) * h.r_feature for i, h in enumerate(hooks) if h.r_feature is not None
+                )
+                loss = F.cross_entropy(out, y) + 0.01 * loss_bn
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                _sync(device)
+                if it > 0:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        for h in hooks:
+            h.handle.remove()
+    return statistics.median(times)
+
+
+def bench_recover(device: torch.device, img: int, num_classes: int, iters: int, ipcs=(10, 50)) -> dict[str, float]:
+    model = _resnet18(num_classes, img, device)
+    mean, var = _synthetic_targets(model, num_classes)
+    out: dict[str, float] = {}
+    for ipc in ipcs:
+        per_batch = min(num_classes, max(1, 256 // ipc))  # recover's max_batch_images default
+        _peak_reset(device)
+        t = _recover_lpld(model, mean, var, ipc, list(range(per_batch)), iters, img, device)
+        out[f"recover_peak_mem_gib_ipc{ipc}"] = _peak_gib(device)
+        t1 = _recover_per_class(model, mean, var, ipc, [0, 1], iters, img, device)
+        lpld_rate = per_batch * ipc / t
+        out[f"recover_img_per_s_ipc{ipc}"] = lpld_rate
+        out[f"recover_per_class_img_per_s_ipc{ipc}"] = ipc / t1
+        out[f"recover_speedup_vs_per_class_ipc{ipc}"] = lpld_rate / (ipc / t1)
+    if f"recover_speedup_vs_per_class_ipc{ipcs[0]}" in out:
+        out["recover_speedup_vs_per_class"] = out[f"recover_speedup_vs_per_class_ipc{ipcs[0]}"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- stats
+class _OfficialClassStats:
+    """Faithful re-implementation of the official per-class loop: per BN layer and batch, a Python loop
+    over the classes present, mean/var of that class's rows, EMA update (momentum 0.1)."""
+
+    def __init__(self, model: nn.Module, num_classes: int, device: torch.device, momentum: float = 0.1):
+        self.layers = bn_layers(model)
+        self.mean = [torch.zeros(num_classes, m.num_features, device=device) for _, m in self.layers]
+        self.var = [torch.ones(num_classes, m.num_features, device=device) for _, m in self.layers]
+        self.momentum, self.labels = momentum, None
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            for c in self.labels.unique().tolist():  # the official loop: one Python iteration per class
+                xc = x[self.labels == c]
+                mu = xc.mean([0, 2, 3])
+                var = xc.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
+                self.mean[i][c] = (1 - self.momentum) * self.mean[i][c] + self.momentum * mu
+                self.var[i][c] = (1 - self.momentum) * self.var[i][c] + self.momentum * var
+
+        return hook
+
+    def update(self, model, x, y):
+        self.labels = y
+        with torch.no_grad():
+            model(x)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def bench_stats(device: torch.device, img: int, num_classes: int, n_batches: int, batch: int = 256) -> dict[str, Any]:
+    from lpld.core.bnstats import ClasswiseBNStats
+
+    model = _resnet18(num_classes, img, device)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, 3, img, img, generator=g).to(device) for _ in range(n_batches)]
+    ys = [torch.randint(0, num_classes, (batch,), generator=g).to(device) for _ in range(n_batches)]
+
+    def timed(fn: Callable[[torch.Tensor, torch.Tensor], None]) -> float:
+        fn(xs[0], ys[0])  # warm-up (cuDNN algorithm search, allocator)
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, y in zip(xs, ys):
+            fn(x, y)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def fwd(x, y):
+        with torch.no_grad():
+            model(x)
+
+    acc = ClasswiseBNStats(model, num_classes)
+    _peak_reset(device)
+    best_f, best_s = float("inf"), float("inf")
+    for _ in range(2):
+        best_f = min(best_f, timed(fwd))
+        best_s = min(best_s, timed(acc.update))
+    peak = _peak_gib(device)
+    off = _OfficialClassStats(model, num_classes, device)
+    try:
+        t_off = timed(lambda x, y: off.update(model, x, y))
+    finally:
+        off.close()
+    return {
+        "stats_over_forward": best_s / best_f,
+        "stats_img_per_s": n_batches * batch / best_s,
+        "stats_official_over_forward": t_off / best_f,
+        "stats_official_over_lpld": t_off / best_s,
+        "stats_peak_mem_gib": peak,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- relabel
+def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: int, batch: int = 128) -> dict:
+    from lpld.core.augment import AugConfig
+    from lpld.core.label_store import StoreSpec, finalize, prepare
+    from lpld.core.quant import QuantConfig
+    from lpld.core.relabel import generate
+
+    teacher = _resnet18(num_classes, img, device)
+    n = n_batches * batch
+    u8 = torch.randint(0, 256, (n, 3, img, img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = augment.to_model_input(u8.to(device), MEAN, STD)
+    spec = StoreSpec(
+        n, num_classes, (img, img), batch, 1, "1x", 0.0, "batch", QuantConfig("none"), AugConfig(img), "explicit", 0
+    )
+    idxs = [augment.batch_indices(0, 0, i, n, batch).to(device) for i in range(n_batches)]
+    meta = {"images_fingerprint": "bench", "teacher_fingerprint": "bench"}
+    best_f = best_r = float("inf")
+    with tempfile.TemporaryDirectory() as tmp:
+        _peak_reset(device)
+        for rep in range(3):  # rep 0 warms up both
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for idx in idxs:
+                    teacher(x.index_select(0, idx))
+            _sync(device)
+            tf = time.perf_counter() - t0
+            path = Path(tmp) / f"s{rep}"
+            t0 = time.perf_counter()
+            prepare(path, spec, meta)
+            with torch.no_grad():
+                generate(path, teacher, x, device=device)
+            finalize(path)
+            _sync(device)
+            tr = time.perf_counter() - t0
+            if rep > 0:
+                best_f, best_r = min(best_f, tf), min(best_r, tr)
+    return {
+        "relabel_over_forward": best_r / best_f,
+        "relabel_img_per_s": n / best_r,
+        "relabel_peak_mem_gib": _peak_gib(device),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- student
+def bench_student(device: torch.device, img: int, num_classes: int, n_batches: int, epochs: int, batch: int = 128):
+    import lightning as L
+
+    from lpld.core.augment import AugConfig
+    from lpld.core.label_store import LabelStore, StoreSpec, finalize, prepare
+    from lpld.core.quant import QuantConfig
+    from lpld.core.relabel import generate
+    from lpld.lit.student_module import StudentData, StudentModule
+    from lpld.models import build_model
+
+    torch.manual_seed(0)
+    n = n_batches * batch
+    u8 = torch.randint(0, 256, (n, 3, img, img), dtype=torch.uint8)
+    labels = torch.arange(n) % num_classes
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store"
+        spec = StoreSpec(
+            n, num_classes, (img, img), batch, epochs, "1x", 0.0, "batch", QuantConfig("none"), AugConfig(img),
+            "explicit", 0,
+        )  # fmt: skip
+        prepare(path, spec, {"images_fingerprint": "bench", "teacher_fingerprint": "bench"})
+        small = build_model(
+            {"name": "convnet", "width": 8, "depth": 3}, num_classes=num_classes, in_chans=3, img_size=img
+        )
+        with torch.no_grad():
+            generate(path, small.to(device).eval(), augment.to_model_input(u8, MEAN, STD), device=device)
+        finalize(path)
+        store = LabelStore.open(path)
+        module = StudentModule(
+            model_cfg={"name": "resnet18"},
+            num_classes=num_classes,
+            in_chans=3,
+            img_size=img,
+            quant_mode="none",
+            loss={"name": "kl", "gamma": 0.1, "t2": False},
+            temp={"t0": 20.0, "schedule": "none"},
+            ca={"mode": "none", "value": 1.0},
+            optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
+            epochs=epochs,
+            steps_per_epoch=n_batches,
+            mean=MEAN,
+            std=STD,
+        )
+        module.set_images(u8, labels)
+        data = StudentData(store, torch.arange(len(store)).numpy(), n_batches, "batch", seed=0)
+
+        model = build_model({"name": "resnet18"}, num_classes=num_classes, in_chans=3, img_size=img).to(device).train()
+        x_all = augment.to_model_input(u8.to(device), MEAN, STD)
+        stored = [store.read(i) for i in range(n_batches)]
+        xs = [augment.replay(x_all, augment_to(sb, device), img) for sb in stored]
+        ps = [torch.softmax(sb.logits.float().to(device) / 20.0, 1) for sb in stored]
+
+        def plain_epoch() -> float:
+            _sync(device)
+            t0 = time.perf_counter()
+            for x, p in zip(xs, ps):
+                model.zero_grad(set_to_none=True)
+                with amp:
+                    z = model(x)
+                F.kl_div(F.log_softmax(z.float() / 20.0, 1), p, reduction="batchmean").backward()
+            _sync(device)
+            return time.perf_counter() - t0
+
+        class Timer(L.Callback):
+            def __init__(self):
+                self.times, self.plain, self.t0 = [], [], 0.0
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                _sync(device)
+                self.t0 = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                _sync(device)
+                self.times.append(time.perf_counter() - self.t0)
+                self.plain.append(plain_epoch())
+
+        timer = Timer()
+        _peak_reset(device)
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+            limit_val_batches=0,
+            reload_dataloaders_every_n_epochs=1,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, datamodule=data)
+        ratios = [t / p for t, p in zip(timer.times[1:], timer.plain[1:])]
+    return {
+        "student_over_fwdbwd": float(statistics.median(ratios)),
+        "student_img_per_s": n / statistics.median(timer.times[1:]),
+        "student_peak_mem_gib": _peak_gib(device),
+    }
+
+
+def augment_to(sb: Any, device: torch.device) -> Any:
+    """A StoredBatch with its index and record on ``device`` (box on the host)."""
+    import dataclasses
+
+    return dataclasses.replace(sb, index=sb.index.to(device), aug=augment.record_to(sb.aug, device))
+
+
+# ----------------------------------------------------------------------------------------------- suite
+def run(device: str = "cuda", quick: bool = False, tiny: bool = False) -> dict[str, float]:
+    """The whole GPU suite. ``tiny`` (tests only): 32 px, 10 classes, few iterations, any device."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        # the GPU presets' options (conf/trainer/gpu.yaml: cudnn_benchmark, tf32)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    img, c = (32, 10) if tiny else (224, 1000)
+    it = 3 if tiny else (6 if quick else 12)
+    out: dict[str, float] = {}
+    nb = {"stats": 6, "relabel": 10, "student": 8} if not quick else {"stats": 3, "relabel": 4, "student": 4}
+    if tiny:
+        nb = {"stats": 2, "relabel": 2, "student": 2}
+    b = {"stats": 16, "relabel": 8, "student": 8} if tiny else {"stats": 256, "relabel": 128, "student": 128}
+    for name, fn in (
+        ("recover", lambda: bench_recover(dev, img, c, it)),
+        ("stats", lambda: bench_stats(dev, img, c, nb["stats"], b["stats"])),
+        ("relabel", lambda: bench_relabel(dev, img, c, nb["relabel"], b["relabel"])),
+        ("student", lambda: bench_student(dev, img, c, nb["student"], 3 if tiny else 4, b["student"])),
+    ):
+        t0 = time.perf_counter()
+        out.update(fn())
+        print(f"[bench-cuda] {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return out

@@ -1,0 +1,198 @@
+"""Stage ``plan``: will this config fit? Memory per rank and label-store size, before launching anything.
+
+``python run.py stage=plan dataset=in1k model=resnet18 ipc=200 trainer=ddp trainer.devices=8`` prints, for the
+config and its world size W (``stage.world_size`` overrides the trainer preset's):
+
+* **label store**: bytes on disk and number of files (``lpld.core.storage_accounting.predict_store``, exact
+  for the arrays), plus the per-rank progress files that exist while relabel runs;
+* **host memory per rank** of relabel and student: the distilled images held once as uint8, the model
+  weights, and ``stage.runtime_gib`` for the Python/PyTorch/CUDA runtime (measured ~2-3 GiB per rank; the
+  label store is memory-mapped, so its pages are shared page cache, not per-rank memory);
+* **GPU memory per rank** of relabel and student: uint8 images + weights (+ gradients and optimizer state for
+  the student) + activations. Activations are measured by one forward of the architecture on the ``meta``
+  device (no data, no download, no GPU): the sum of every leaf module's output per sample (what autograd
+  keeps for backward, the student) or the two largest consecutive outputs (inference, relabel), times the
+  rows one rank runs at once and the bytes per element of the trainer's precision;
+* the SLURM memory request that fits: ``hydra.launcher.mem_gb`` >= tasks per node x host peak per rank.
+
+These are estimates (allocator caching and cuDNN workspaces add ~10-20% on a GPU); the store figures are exact.
+Everything is computed from the config alone, so ImageNet-1K IPC 200 or ImageNet-21K IPC 20 can be planned
+on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lpld.core.label_store import array_layout, row_offsets
+from lpld.core.storage_accounting import GIB, predict_store
+
+log = logging.getLogger("lpld")
+
+# bytes per element of activations / autocast compute by trainer precision
+_ACT_BYTES = {"32-true": 4, "32": 4, "16-mixed": 2, "bf16-mixed": 2, "bf16-true": 2, "16-true": 2, "64-true": 8}
+# optimizer state in fp32 values per parameter
+_OPT_STATE = {"adamw": 2, "adam": 2, "sgd": 1}
+
+
+def activation_bytes_per_sample(model: nn.Module, in_chans: int, img_size: int) -> tuple[int, int]:
+    """(training, inference) activation elements per sample, from one forward on the ``meta`` device.
+
+    training: sum of the outputs of every leaf module (what autograd saves for backward, an upper bound
+    since in-place ReLUs share storage); inference: the largest sum of two consecutive leaf outputs (a
+    layer's input and output alive at once).
+    """
+    sizes: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: sizes.append(int(o.numel())) if torch.is_tensor(o) else None)
+        for m in model.modules()
+        if not list(m.children())
+    ]
+    try:
+        model = model.to("meta")
+        with torch.no_grad():
+            model.eval()(torch.empty(1, in_chans, img_size, img_size, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    train = sum(sizes)
+    infer = max((a + b for a, b in zip(sizes, sizes[1:])), default=max(sizes, default=0))
+    return train, infer
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model(cfg_model: dict[str, Any], num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    from lpld.models import build_model
+
+    m = dict(cfg_model)
+    m["pretrained"], m["checkpoint"] = False, None  # the architecture only: never download weights
+    with torch.device("meta"):
+        return build_model(m, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+
+
+def plan(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
+    """The predictions for ``cfg`` at world size ``world`` (None: the trainer preset's); see the module doc."""
+    from lpld.dist import planned_world_size
+    from lpld.lit.relabel_datamodule import auto_batches_per_forward
+    from lpld.stages.common import dataset_spec, to_container
+    from lpld.stages.relabel import _stage as relabel_knobs
+    from lpld.stages.relabel import build_spec
+    from lpld.stages.student import student_model_cfg
+
+    st = cfg.stage
+    w = int(world or st.get("world_size") or planned_world_size(cfg))
+    ds = dataset_spec(cfg)
+    spec = build_spec(cfg)
+    n = spec.num_images
+    img_u8 = n * ds.channels * ds.image_size * ds.image_size
+    acc = predict_store(spec)
+    ids = spec.batch_ids()
+    layout = array_layout(spec, len(ids), int(row_offsets(spec, ids)[-1]))
+    files = len(layout) + 1  # one .npy per array + manifest.json (+ progress.<rank>.npy while generating)
+    prec = str(cfg.trainer.get("precision", "32-true"))
+    act_b = _ACT_BYTES.get(prec, 4)
+    runtime = float(st.get("runtime_gib", 3.0)) * GIB
+
+    teacher = _model(to_container(cfg.model), ds.num_classes, ds.channels, ds.image_size)
+    t_params = _params(teacher)
+    _, t_inf = activation_bytes_per_sample(teacher, ds.channels, ds.image_size)
+    rk = relabel_knobs(cfg)
+    bpf = rk.get("batches_per_forward") or auto_batches_per_forward(spec.batch_size)
+    rows = int(bpf) * spec.batch_size
+    # relabel on the GPU: uint8 images, fp32 teacher, one forward's float input (4 B) + activations + logits
+    relabel_gpu = (
+        img_u8
+        + 4 * t_params
+        + rows * ds.channels * ds.image_size**2 * 4
+        + rows * t_inf * act_b
+        + rows * ds.num_classes * 4
+    )
+    relabel_host = img_u8 + 4 * t_params + runtime
+
+    smodel_cfg = student_model_cfg(cfg)
+    student = _model(smodel_cfg, ds.num_classes, ds.channels, ds.image_size)
+    s_params = _params(student)
+    s_train, _ = activation_bytes_per_sample(student, ds.channels, ds.image_size)
+    opt = str(cfg.student.get("optimizer") or _student_recipe(cfg).get("optimizer") or "adamw").lower()
+    b = spec.batch_size
+    per_rank_rows = -(-b // w)
+    # student: every rank replays the whole stored batch (CutMix pairs rows), trains on b / W rows of it
+    student_gpu = (
+        img_u8
+        + 4 * s_params * (2 + _OPT_STATE.get(opt, 2))  # weights, grads, optimizer state (fp32)
+        + b * ds.channels * ds.image_size**2 * 4  # the replayed float batch
+        + b * ds.num_classes * 4 * 2  # decoded targets (+ a temporary)
+        + per_rank_rows * s_train * act_b
+    )
+    student_host = img_u8 + 4 * s_params + runtime
+    tasks = int(st.get("tasks_per_node") or min(w, 8))
+    out = {
+        "world_size": w,
+        "precision": prec,
+        "num_images": n,
+        "image_uint8_bytes": img_u8,
+        "label_store": {
+            "bytes": int(acc["on_disk_arrays"]),
+            "total_accounting": int(acc["total"]),
+            "files": files,
+            "files_while_generating": files + w,
+            "batches": int(acc["num_batches"]),
+        },
+        "relabel": {
+            "rows_per_forward": rows,
+            "batches_per_forward": int(bpf),
+            "host_bytes_per_rank": int(relabel_host),
+            "gpu_bytes_per_rank": int(relabel_gpu),
+            "teacher_params": t_params,
+        },
+        "student": {
+            "global_batch": b,
+            "rows_per_rank": per_rank_rows,
+            "host_bytes_per_rank": int(student_host),
+            "gpu_bytes_per_rank": int(student_gpu),
+            "student_params": s_params,
+            "optimizer": opt,
+        },
+        "slurm_mem_gb": int(-(-max(relabel_host, student_host) * tasks // GIB)) + 1,
+        "tasks_per_node": tasks,
+    }
+    return out
+
+
+def _student_recipe(cfg: DictConfig) -> dict[str, Any]:
+    from lpld.data.recipe import recipe
+
+    return recipe(cfg.dataset, "student", int(cfg.ipc))
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:10.2f} GiB"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    p = plan(cfg)
+    ls, rl, sd = p["label_store"], p["relabel"], p["student"]
+    lines = [
+        f"plan: {cfg.dataset.name} ipc {cfg.ipc} prune={cfg.prune.name} quant={cfg.quant.get('name', 'none')} "
+        f"world size {p['world_size']} ({p['precision']})",
+        f"  distilled images (uint8)         {_gib(p['image_uint8_bytes'])}  ({p['num_images']:,d} images)",
+        f"  label store                      {_gib(ls['bytes'])}  in {ls['files']} files "
+        f"(+{p['world_size']} progress files while relabel runs), {ls['batches']:,d} stored batches",
+        f"  relabel  host per rank           {_gib(rl['host_bytes_per_rank'])}",
+        f"  relabel  GPU per rank            {_gib(rl['gpu_bytes_per_rank'])}  "
+        f"({rl['batches_per_forward']} stored batches = {rl['rows_per_forward']} rows per forward)",
+        f"  student  host per rank           {_gib(sd['host_bytes_per_rank'])}",
+        f"  student  GPU per rank            {_gib(sd['gpu_bytes_per_rank'])}  "
+        f"(global batch {sd['global_batch']}, {sd['rows_per_rank']} rows per rank, {sd['optimizer']})",
+        f"  SLURM: hydra.launcher.mem_gb={p['slurm_mem_gb']} for {p['tasks_per_node']} tasks per node",
+    ]
+    print("\n".join(lines))
+    return p

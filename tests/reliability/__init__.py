@@ -1,0 +1,1 @@
+"""Reliability suite (issue 14): corruption caught on read, locks, overwrite, errors that lead somewhere."""

@@ -1,0 +1,190 @@
+"""Multi-process semantics without processes: rank resolution, rank-0 decisions, global batches, row split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import compose_cfg
+
+from lpld import dist
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "NODE_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_env_rank_reads_torchrun_slurm_and_lightning(clean_env):
+    assert dist.env_rank() == 0 and dist.env_world() == 1 and dist.launch_mode() == "single"
+    clean_env.setenv("SLURM_PROCID", "3")
+    clean_env.setenv("SLURM_NTASKS", "4")
+    assert dist.env_rank() == 3 and dist.env_world() == 4
+    clean_env.setenv("RANK", "5")  # torchrun's RANK wins
+    clean_env.setenv("WORLD_SIZE", "8")
+    assert dist.env_rank() == 5 and dist.env_world() == 8
+    clean_env.delenv("RANK")
+    clean_env.delenv("SLURM_PROCID")
+    clean_env.delenv("SLURM_NTASKS")
+    clean_env.setenv("LOCAL_RANK", "1")  # Lightning's re-launched child, before its Trainer
+    assert dist.env_rank() == 1 and dist.launch_mode() == "child"
+
+
+def test_decide_single_process_runs_once_and_child_follows(clean_env):
+    calls = []
+    assert dist.decide(lambda: calls.append(1) or "fresh", follow="resume") == "fresh" and calls == [1]
+    with pytest.raises(KeyError, match="boom"):
+        dist.decide(lambda: (_ for _ in ()).throw(KeyError("boom")))
+    clean_env.setenv("LOCAL_RANK", "1")
+    # a child never runs the decision (rank 0 made it and wrote before launching the child)
+    assert dist.decide(lambda: calls.append(2) or "fresh", follow="resume") == "resume" and calls == [1]
+
+
+def test_per_rank_batch_refuses_a_world_that_does_not_divide():
+    assert dist.per_rank_batch(128, 8, "stage.batch_size") == 16
+    with pytest.raises(ValueError, match=r"trainer.devices.*\[1, 2, 4, 8, 16, 32, 64\]"):
+        dist.per_rank_batch(128, 3, "stage.batch_size")
+
+
+def test_planned_world_size_from_presets():
+    assert dist.planned_world_size(compose_cfg(["trainer=ddp_cpu"])) == 2
+    assert dist.planned_world_size(compose_cfg(["trainer=cpu"])) == 1
+    cfg = compose_cfg(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    assert dist.planned_world_size(cfg) == 8
+
+
+def test_squeeze_refuses_world_size_that_does_not_divide_the_batch(tmp_path):
+    from lpld.stages import ConfigError, squeeze
+
+    cfg = compose_cfg(
+        [f"paths.root={tmp_path}", "logger=none", "stage=squeeze", "trainer=ddp_cpu", "stage.batch_size=7"]
+    )
+    with pytest.raises(ConfigError, match="global batch.*trainer.devices"):
+        squeeze.run(cfg)
+    assert not (tmp_path / "artifacts").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("b", [1, 5, 8, 13])
+def test_rank_rows_partition_every_stored_batch(world, k, b):
+    """Over ranks x accumulation slices the pieces tile the batch exactly once, and the loss weights
+    n k W / b of StudentModule.training_step (then / k by Lightning, / W by DDP's average) sum to 1: the
+    applied gradient is the whole stored batch's mean, as on one process."""
+    from lpld.lit.student_module import rank_rows
+
+    rows, weight = [], 0.0
+    for r in range(world):
+        for c in range(k):
+            sl = rank_rows(b, c, k, r, world)
+            n = sl.stop - sl.start
+            rows += list(range(sl.start, sl.stop))
+            weight += (n * k * world / b) / (k * world)
+    assert sorted(rows) == list(range(b))
+    assert weight == pytest.approx(1.0)
+
+
+def test_student_plan_is_the_same_on_every_rank():
+    from lpld.lit.student_module import StudentData
+
+    class _Store:
+        batch_ids = np.array([[e, b] for e in range(3) for b in range(4)])
+
+    d = StudentData(_Store(), np.arange(12), 4, "batch", seed=3, accumulate=2)
+    one, r0, r1 = d.plan(1), d.plan(1, 0, 2), d.plan(1, 1, 2)
+    # every rank serves the whole epoch plan (4 stored batches, each twice for accumulate=2): ranks split rows
+    assert len(one) == 8 and one.tolist() == r0.tolist() == r1.tolist()
+    assert (one[::2] == one[1::2]).all()
+
+
+def test_plan_stage_in1k_ipc200_and_in21k_ipc20_offline(tmp_path, capsys):
+    """stage=plan computes ImageNet-scale figures from the config alone (meta device, no data, no download)."""
+    from lpld.core.storage_accounting import predict_store
+    from lpld.stages import plan
+    from lpld.stages.relabel import build_spec
+
+    cfg = compose_cfg(
+        [f"paths.root={tmp_path}", "logger=none", "stage=plan", "dataset=in1k", "ipc=200", "model=resnet18"]
+        + ["trainer=ddp", "trainer.devices=8"]
+    )
+    p = plan.run(cfg)
+    assert p["world_size"] == 8
+    n = 200 * 1000
+    assert p["image_uint8_bytes"] == n * 3 * 224 * 224
+    assert p["label_store"]["bytes"] == predict_store(build_spec(cfg))["on_disk_arrays"]
+    # explicit records + fp16 logits: batch_ids, row_offsets, sample_index, crops, flips, mix_index, lam, box,
+    # logits (+ checksums in format 2) and the manifest
+    assert 10 <= p["label_store"]["files"] <= 12
+    sd = p["student"]
+    assert sd["global_batch"] == 128 and sd["rows_per_rank"] == 16
+    # ResNet-18: 11.7M parameters
+    assert 11_000_000 < sd["student_params"] < 12_500_000
+    # the GPU estimate holds at least the uint8 images + weights/grads/AdamW state
+    assert sd["gpu_bytes_per_rank"] > p["image_uint8_bytes"] + 16 * sd["student_params"]
+    assert p["relabel"]["host_bytes_per_rank"] >= p["image_uint8_bytes"]
+    assert "mem_gb=" in capsys.readouterr().out
+    cfg21 = compose_cfg(
+        [f"paths.root={tmp_path}", "logger=none", "stage=plan", "dataset=in21k", "ipc=20", "model=resnet18"]
+        + ["prune=40x", "quant=mr", "quant.k=100", "stage.world_size=4"]
+    )
+    p21 = plan.plan(cfg21)
+    assert p21["world_size"] == 4 and p21["num_images"] == 20 * 10450
+    assert p21["relabel"]["batches_per_forward"] == 8  # in21k's batch 32 -> 256 rows per teacher forward
+    assert p21["student"]["rows_per_rank"] == 8
+
+
+def test_activation_count_matches_a_hand_count():
+    from torch import nn
+
+    from lpld.stages.plan import activation_bytes_per_sample
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    train, infer = activation_bytes_per_sample(m, 3, 8)
+    # outputs: conv 256, relu 256, flatten 256, linear 10
+    assert train == 256 * 3 + 10
+    assert infer == 512
+
+
+def _decide_worker(rank: int, init: str, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as tdist
+
+    from lpld import dist as ldist
+    from lpld.core.io import ArtifactError
+
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    calls = []
+
+    def fn():
+        calls.append(rank)
+        os.makedirs(os.path.join(out, "made_by_rank0"), exist_ok=False)  # a write only rank 0 may do
+        return {"state": "fresh", "rank": rank}
+
+    res = ldist.decide(fn)
+    try:
+        ldist.decide(lambda: (_ for _ in ()).throw(ArtifactError("rank 0 refused: set stage.overwrite=true")))
+        err = None
+    except ArtifactError as e:
+        err = str(e)
+    ldist.barrier()
+    with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+        json.dump({"res": res, "calls": calls, "err": err, "rank": ldist.rank(), "world": ldist.world_size()}, f)
+    tdist.destroy_process_group()
+
+
+def test_decide_over_two_gloo_processes(tmp_path):
+    """rank 0 alone runs the decision (and its write); both ranks get its result, and its error on both ranks."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_decide_worker, args=(init, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    assert r0["res"] == r1["res"] == {"state": "fresh", "rank": 0}
+    assert r0["calls"] == [0] and r1["calls"] == []
+    assert r0["err"] == r1["err"] == "rank 0 refused: set stage.overwrite=true"
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)

@@ -1,0 +1,213 @@
+"""docs/fidelity.md's knob table: every row's lpld default, resolved from the real config tree.
+
+Each `check` id of the table maps to (overrides, resolver, expected). The resolvers are the functions the
+stages themselves call (student_settings, resolve_settings, stats_settings, aug_config / build_spec,
+squeeze_settings, dataset_spec, the relabel knobs), so a default that drifts from the documented official
+value fails here. A row without a case, or a case without a row, fails too.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import pytest
+from conftest import REPO, compose_cfg
+
+DOC = REPO / "docs" / "fidelity.md"
+
+
+def _student(cfg) -> dict[str, Any]:
+    from lpld.data.recipe import recipe
+    from lpld.stages.student import student_settings
+
+    epochs = recipe(cfg.dataset, "student", int(cfg.ipc)).get("epochs") or 1
+    return student_settings(cfg, {"epochs": epochs, "granularity": "batch", "quant": {"mode": "none"}})
+
+
+def _recover(cfg) -> dict[str, Any]:
+    from lpld.stages.recover import resolve_settings
+
+    return resolve_settings(cfg)
+
+
+def _stats(cfg) -> dict[str, Any]:
+    from lpld.data.recipe import stats_settings
+
+    st = stats_settings(cfg)
+    st["variance"] = {"official": "biased", "ema": "unbiased", "exact": "pooled"}[st["mode"]]
+    return st
+
+
+def _aug(cfg) -> dict[str, Any]:
+    from lpld.stages.relabel import aug_config, build_spec
+
+    a, s = aug_config(cfg), build_spec(cfg)
+    return {
+        "mix": a.mix,
+        "flip": a.flip,
+        "rrc_scale": list(a.scale),
+        "cutmix_alpha": a.cutmix_alpha,
+        "cutout_factor": a.cutout_factor,
+        "batch_size": s.batch_size,
+        "epochs": s.epochs,
+        "prune_ratio": s.prune_ratio,
+        "granularity": s.granularity,
+    }
+
+
+def _relabel_knobs(cfg) -> dict[str, Any]:
+    from lpld.stages.relabel import _stage
+
+    k = _stage(cfg)
+    return {
+        "teachers": len(k.teachers or []),
+        "ensemble": str(k.ensemble),
+        "ensemble_rescale": bool(k.ensemble_rescale),
+    }
+
+
+def _metric(cfg) -> dict[str, Any]:
+    from lpld.stages.student import metric_settings
+
+    return metric_settings(cfg)
+
+
+def _squeeze(cfg) -> dict[str, Any]:
+    from lpld.stages.squeeze import squeeze_settings
+
+    return squeeze_settings(cfg)
+
+
+def _data(cfg) -> dict[str, Any]:
+    from lpld.stages.common import dataset_spec
+
+    s = dataset_spec(cfg)
+    return {"mean": list(s.mean), "std": list(s.std)}
+
+
+T9 = ["experiment=table9_ours_plus", "dataset=in1k", "model=resnet18", "ipc=10"]
+T8 = ["experiment=table8_rded", "dataset=in1k", "model=resnet18", "ipc=10"]
+ST = ["stage=student"]
+RL = ["stage=relabel"]
+
+# check id -> (overrides, resolver, key, expected lpld default)
+CASES: dict[str, tuple[list[str], Any, str, Any]] = {
+    "stats.in1k.mode": (["dataset=in1k", "stage=stats"], _stats, "mode", "official"),
+    "stats.tiny.mode": (["dataset=tiny", "stage=stats"], _stats, "mode", "official"),
+    "stats.in21k.mode": (["dataset=in21k", "stage=stats"], _stats, "mode", "official"),
+    "stats.in1k.momentum": (["dataset=in1k", "stage=stats"], _stats, "momentum", 0.1),
+    "stats.in1k.variance": (["dataset=in1k", "stage=stats"], _stats, "variance", "biased"),
+    "stats.in1k.batch_size": (["dataset=in1k", "stage=stats"], _stats, "batch_size", 256),
+    "stats.in1k.augment": (["dataset=in1k", "stage=stats"], _stats, "augment", True),
+    "stats.cifar10_jpg.mode": (["dataset=cifar10_jpg", "stage=stats"], _stats, "mode", "exact"),
+    "recover.in1k.iterations": (["dataset=in1k"], _recover, "iterations", 4000),
+    "recover.in1k.lr": (["dataset=in1k"], _recover, "lr", 0.25),
+    "recover.in1k.alpha": (["dataset=in1k"], _recover, "alpha", 0.01),
+    "recover.in1k.tv_l2": (["dataset=in1k"], _recover, "tv_l2", 0.0),
+    "recover.in1k.l2": (["dataset=in1k"], _recover, "l2", 0.0),
+    "recover.in1k.jitter": (["dataset=in1k"], _recover, "jitter", 32),
+    "recover.in1k.first_bn_multiplier": (["dataset=in1k"], _recover, "first_bn_multiplier", 10.0),
+    "recover.in1k.betas": (["dataset=in1k"], _recover, "betas", [0.5, 0.9]),
+    "recover.tiny.iterations": (["dataset=tiny"], _recover, "iterations", 4000),
+    "recover.tiny.lr": (["dataset=tiny"], _recover, "lr", 0.1),
+    "recover.tiny.alpha": (["dataset=tiny"], _recover, "alpha", 0.05),
+    "recover.tiny.tv_l2": (["dataset=tiny"], _recover, "tv_l2", 0.0),
+    "recover.tiny.jitter": (["dataset=tiny"], _recover, "jitter", 4),
+    "recover.in21k.iterations": (["dataset=in21k"], _recover, "iterations", 2000),
+    "recover.in21k.lr": (["dataset=in21k"], _recover, "lr", 0.05),
+    "recover.in21k.alpha": (["dataset=in21k"], _recover, "alpha", 0.25),
+    "recover.in21k.tv_l2": (["dataset=in21k"], _recover, "tv_l2", 0.0),
+    "recover.sre2l.group_classes": (["dataset=in1k", "recover=sre2l"], _recover, "group_classes", 100),
+    "recover.sre2l.tv_l2": (["dataset=in1k", "recover=sre2l"], _recover, "tv_l2", 0.0),
+    "recover.cda.milestone": (["dataset=in1k", "recover=cda"], _recover, "cda.milestone", 1.0),
+    "recover.cda.schedule": (["dataset=in1k", "recover=cda"], _recover, "cda.schedule", "cosine"),
+    "recover.rded.style": (["dataset=in1k", "recover=rded"], _recover, "rded.style", "official"),
+    "recover.rded.factor": (["dataset=in1k", "recover=rded"], _recover, "rded.factor", 2),
+    "recover.rded.candidates_per_class": (["dataset=in1k", "recover=rded"], _recover, "rded.candidates_per_class", 300),
+    "recover.rded.crops_per_image": (["dataset=in1k", "recover=rded"], _recover, "rded.crops_per_image", 5),
+    "relabel.in1k.mix": (["dataset=in1k", *RL], _aug, "mix", "cutmix"),
+    "relabel.in1k.rrc_scale": (["dataset=in1k", *RL], _aug, "rrc_scale", [0.08, 1.0]),
+    "relabel.in1k.flip": (["dataset=in1k", *RL], _aug, "flip", True),
+    "relabel.in1k.cutmix_alpha": (["dataset=in1k", *RL], _aug, "cutmix_alpha", 1.0),
+    "relabel.in1k.batch_size": (["dataset=in1k", *RL], _aug, "batch_size", 128),
+    "relabel.in1k.epochs": (["dataset=in1k", *RL], _aug, "epochs", 300),
+    "relabel.tiny.mix": (["dataset=tiny", *RL], _aug, "mix", "none"),
+    "relabel.tiny.batch_size": (["dataset=tiny", *RL], _aug, "batch_size", 64),
+    "relabel.tiny.epochs": (["dataset=tiny", *RL], _aug, "epochs", 100),
+    "relabel.in21k.mix": (["dataset=in21k", *RL], _aug, "mix", "cutout"),
+    "relabel.in21k.flip": (["dataset=in21k", *RL], _aug, "flip", False),
+    "relabel.in21k.cutout_factor": (["dataset=in21k", *RL], _aug, "cutout_factor", 0.5),
+    "relabel.in21k.batch_size": (["dataset=in21k", *RL], _aug, "batch_size", 32),
+    "relabel.table9.teachers": ([*T9, *RL], _relabel_knobs, "teachers", 4),
+    "relabel.table9.ensemble": ([*T9, *RL], _relabel_knobs, "ensemble", "mean_logits"),
+    "relabel.table9.ensemble_rescale": ([*T9, *RL], _relabel_knobs, "ensemble_rescale", True),
+    "prune.40x.ratio": (["dataset=in1k", "prune=40x", *RL], _aug, "prune_ratio", 0.975),
+    "prune.40x.granularity": (["dataset=in1k", "prune=40x", *RL], _aug, "granularity", "batch"),
+    "metric.random": (["dataset=in1k", *ST], _metric, "name", "random"),
+    "student.in1k.optimizer": (["dataset=in1k", *ST], _student, "optimizer", "adamw"),
+    "student.in1k.lr": (["dataset=in1k", *ST], _student, "lr", 0.001),
+    "student.in1k.weight_decay": (["dataset=in1k", *ST], _student, "weight_decay", 0.01),
+    "student.in1k.wd_exclude_bn_bias": (["dataset=in1k", *ST], _student, "wd_exclude_bn_bias", True),
+    "student.in1k.scheduler": (["dataset=in1k", *ST], _student, "scheduler", "cosine"),
+    "student.in1k.temperature": (["dataset=in1k", *ST], _student, "temperature", 20.0),
+    "student.in1k.kd_t2": (["dataset=in1k", *ST], _student, "kd_t2", False),
+    "student.tiny.optimizer": (["dataset=tiny", *ST], _student, "optimizer", "sgd"),
+    "student.tiny.lr": (["dataset=tiny", *ST], _student, "lr", 0.2),
+    "student.tiny.momentum": (["dataset=tiny", *ST], _student, "momentum", 0.9),
+    "student.tiny.weight_decay": (["dataset=tiny", *ST], _student, "weight_decay", 0.0001),
+    "student.tiny.warmup_epochs": (["dataset=tiny", *ST], _student, "warmup_epochs", 5.0),
+    "student.tiny.kd_t2": (["dataset=tiny", *ST], _student, "kd_t2", True),
+    "student.tiny.temperature": (["dataset=tiny", *ST], _student, "temperature", 20.0),
+    "student.in21k.lr": (["dataset=in21k", *ST], _student, "lr", 0.002),
+    "student.in21k.label_smoothing": (["dataset=in21k", *ST], _student, "label_smoothing", 0.2),
+    "student.in21k.smoothing_space": (["dataset=in21k", *ST], _student, "smoothing_space", "logits"),
+    "student.table9.loss": ([*T9, *ST], _student, "loss", "mse_gt"),
+    "student.table9.mse_target": ([*T9, *ST], _student, "mse_target", "logits"),
+    "student.table9.gamma": ([*T9, *ST], _student, "gamma", 0.1),
+    "student.lpqld.temp_epoch_base": (["dataset=in1k", "student=lpqld", *ST], _student, "temp_epoch_base", 1),
+    "student.lpqld.temp_step_size": (["dataset=in1k", "student=lpqld", *ST], _student, "temp_step_size", 30),
+    "student.lpqld.temp_gamma": (["dataset=in1k", "student=lpqld", *ST], _student, "temp_gamma", 0.7),
+    "student.lpqld.temp_floor": (["dataset=in1k", "student=lpqld", *ST], _student, "temp_floor", 2.0),
+    "student.lpqld.ca": (["dataset=in1k", "student=lpqld", *ST], _student, "ca", "search"),
+    "student.lpqld.ca_grid": (["dataset=in1k", "student=lpqld", *ST], _student, "ca_grid", [0.01, 1.0, 100.0]),
+    "student.table8.scheduler": ([*T8, *ST], _student, "scheduler", "smooth_cosine"),
+    "student.table8.rrc_scale": ([*T8, *RL], _aug, "rrc_scale", [0.5, 1.0]),
+    "student.table8.batch_size": ([*T8, *RL], _aug, "batch_size", 100),
+    "squeeze.tiny.lr": (["dataset=tiny", "stage=squeeze"], _squeeze, "lr", 0.2),
+    "squeeze.tiny.epochs": (["dataset=tiny", "stage=squeeze"], _squeeze, "epochs", 50),
+    "data.tiny.mean": (["dataset=tiny"], _data, "mean", [0.4802, 0.4481, 0.3975]),
+}
+
+
+def _doc_ids() -> list[str]:
+    return re.findall(r"^\| `([a-z0-9_.]+)` \|", DOC.read_text(), flags=re.M)
+
+
+def test_every_table_row_has_a_check_and_every_check_a_row():
+    ids = _doc_ids()
+    assert len(ids) == len(set(ids)), "duplicate check ids in docs/fidelity.md"
+    assert set(ids) == set(CASES), (sorted(set(ids) - set(CASES)), sorted(set(CASES) - set(ids)))
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]):
+    """One composition per distinct override list (many rows share one)."""
+    return compose_cfg(list(overrides))
+
+
+def _dig(d: Any, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+@pytest.mark.parametrize("check", sorted(CASES))
+def test_documented_lpld_default(check):
+    overrides, resolve, key, want = CASES[check]
+    got = _dig(resolve(_composed(tuple(overrides))), key)
+    if isinstance(want, float):
+        assert got == pytest.approx(want), check
+    else:
+        assert got == want, check
