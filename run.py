@@ -8,7 +8,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from lpld.stages import dispatch, user_errors
+import lpld.config  # noqa: F401 - registers the typed config schemas (lpld/config/schema.py) before composing
+from lpld.stages import dispatch, log_once, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -18,6 +19,7 @@ def main(cfg: DictConfig) -> float | None:
     A user error (config, data, artifact) prints one message naming the fix and exits with status 1;
     ``LPLD_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` shows its traceback.
     """
+    log_once()  # Hydra has configured the root logger: Lightning's messages go through it, once
     with user_errors(cfg):
         return dispatch(cfg)
 

@@ -8,6 +8,8 @@ os.environ.setdefault("LPLD_NO_RICH", "1")
 
 import torch  # noqa: E402
 
+import lpld.config  # noqa: E402,F401 - registers the typed config schemas before any test composes the tree
+
 # Tests use tiny tensors: one thread avoids thread-pool overhead dominating (measured 0.6 s vs 2 ms).
 torch.set_num_threads(1)
 

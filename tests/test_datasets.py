@@ -431,8 +431,8 @@ def test_extract_archive_idempotent(tmp_path):
 REQUIRED = {"name", "type", "num_classes", "channels", "image_size", "mean", "std", "root", "train_dir", "val_dir"}
 REQUIRED |= {"in_memory", "download", "recipe"}
 RECIPE_KEYS = {
-    "squeeze": {"epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "scheduler"},
-    "recover": {"iterations", "lr", "alpha", "first_bn_multiplier", "tv_l2", "l2", "jitter", "batch_size"},
+    "squeeze": {"epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum"},
+    "recover": {"iterations", "lr", "alpha", "first_bn_multiplier", "tv_l2", "l2", "jitter"},
     "student": {"epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "scheduler"}
     | {"temperature", "label_smoothing", "mix"},
 }
@@ -528,4 +528,4 @@ def test_recipe_ipc_table():
     with pytest.raises(DatasetError):
         recipe(cfg, "relabel")
     demo = _yaml_cfg("demo")
-    assert recipe(demo, "student", ipc=1)["batch_size"] == 10 and recipe(demo, "recover", ipc=10)["batch_size"] is None
+    assert recipe(demo, "student", ipc=1)["batch_size"] == 10 and recipe(demo, "recover", ipc=10)["iterations"] == 200

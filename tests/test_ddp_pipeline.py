@@ -255,7 +255,7 @@ def test_kill_rank1_mid_relabel_then_rerun_gives_the_same_store(reference, tmp_p
     wrapper = tmp_path / "kill_rank1.py"
     wrapper.write_text(KILL_WRAPPER % {"repo": str(REPO), "run": str(REPO / "run.py")})
     # a longer schedule (6 epochs x 2 batches), one batch per forward and a commit after every batch
-    knobs = ["stage.epochs=6", "stage.chunk=1", "stage.batches_per_forward=1"]
+    knobs = ["relabel.epochs=6", "stage.chunk=1", "stage.batches_per_forward=1"]
     clean = _with_teacher(base, ref, "kill_clean")
     for stage in ("stats", "recover"):
         _single(stage, _overrides(clean, data))

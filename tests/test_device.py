@@ -395,8 +395,6 @@ def test_recover_real_image_loading_in_workers_keeps_order():
     """RDED / random-real selection decode through DataLoader workers: same tensors, same order as ds[i]."""
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
     from lpld.data.datasets import TensorImageDataset
     from lpld.lit.recover_module import RecoverModule
 
@@ -408,7 +406,7 @@ def test_recover_real_image_loading_in_workers_keeps_order():
     )
     groups = [[3, 1, 4], list(range(100, 170)), [199, 0], list(range(20, 60))]
     for workers, chunk in ((0, 1024), (2, 1024), (2, 80)):
-        fake = SimpleNamespace(cfg=OmegaConf.create({"trainer": {"num_workers": workers}}), device=torch.device("cpu"))
+        fake = SimpleNamespace(num_workers=workers, device=torch.device("cpu"))
         got = list(RecoverModule._load_real(fake, ds, groups, chunk_images=chunk))
         assert len(got) == len(groups)
         for g_idx, x in zip(groups, got, strict=True):

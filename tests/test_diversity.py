@@ -154,6 +154,8 @@ def test_mmd_rejects_bad_input():
 
 
 def _analyze_cfg(tmp_path, **stage):
+    from lpld.config.schema import AnalyzeStage
+
     cfg = OmegaConf.create(
         {
             "dataset": OmegaConf.load("conf/dataset/demo.yaml"),
@@ -166,7 +168,7 @@ def _analyze_cfg(tmp_path, **stage):
                 "checkpoint": None,
                 "tag": None,
             },
-            "stage": OmegaConf.load("conf/stage/analyze.yaml"),
+            "stage": OmegaConf.structured(AnalyzeStage),  # the stage's knobs and defaults (lpld.config.schema)
             "recover": {"name": "lpld"},
             "trainer": {"accelerator": "cpu"},
             "logger": {"name": "none", "log_images": False},
@@ -232,7 +234,8 @@ def test_analyze_stage_end_to_end(tmp_path, capsys):
     cfg = _analyze_cfg(tmp_path, methods=["lpld", "sre2l", "cda"])  # cda has no images -> skipped
     fp = _write_teacher(cfg)
     dirs = analyze.method_dirs(cfg)
-    assert dirs["lpld"] == paths.images_dir(cfg) and dirs["sre2l"].name == "sre2l_ipc3_seed0"
+    assert dirs["lpld"] == paths.images_dir(cfg) and dirs["sre2l"].parent == dirs["lpld"].parent
+    assert dirs["sre2l"].name.startswith("sre2l_ipc3_seed0_")  # recover=sre2l's images (their knobs signed)
     _write_distilled(dirs["lpld"], fp, seed=1)
     _write_distilled(dirs["sre2l"], fp, seed=2)
     out = analyze.run(cfg)
@@ -258,7 +261,7 @@ def test_analyze_stage_end_to_end(tmp_path, capsys):
     # Eq. 8 for the demo train set (800 images per class)
     assert res["eq8"]["num_images"] == 8000 and res["eq8"]["min_p"] == pytest.approx(0.1)
     # grids: Fig. 2 style (3 classes x 3 images, 28 px, padding 2) and one file per class
-    from lpld.core.grids import read_png_uint8
+    from lpld.report.grids import read_png_uint8
 
     grid = read_png_uint8(analyze.analysis_dir(cfg) / "grids" / "lpld.png")
     assert grid.shape == (1, 3 * 30 + 2, 3 * 30 + 2)

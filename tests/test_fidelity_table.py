@@ -33,7 +33,7 @@ def _recover(cfg) -> dict[str, Any]:
 
 
 def _stats(cfg) -> dict[str, Any]:
-    from lpld.data.recipe import stats_settings
+    from lpld.config import stats_settings
 
     st = stats_settings(cfg)
     st["variance"] = {"official": "biased", "ema": "unbiased", "exact": "pooled"}[st["mode"]]
@@ -50,21 +50,24 @@ def _aug(cfg) -> dict[str, Any]:
         "rrc_scale": list(a.scale),
         "cutmix_alpha": a.cutmix_alpha,
         "cutout_factor": a.cutout_factor,
+        "cutout_fill": s.aug.cutout_fill,  # issue 12 switches: read from the spec the store is written with
+        "shuffle_patches": s.aug.shuffle_patches,
         "batch_size": s.batch_size,
         "epochs": s.epochs,
         "prune_ratio": s.prune_ratio,
         "granularity": s.granularity,
+        "drop_last": s.drop_last,
     }
 
 
 def _relabel_knobs(cfg) -> dict[str, Any]:
-    from lpld.stages.relabel import _stage
+    from lpld.config import relabel_settings
 
-    k = _stage(cfg)
+    k = relabel_settings(cfg)
     return {
-        "teachers": len(k.teachers or []),
-        "ensemble": str(k.ensemble),
-        "ensemble_rescale": bool(k.ensemble_rescale),
+        "teachers": len(k["teachers"] or []),
+        "ensemble": k["ensemble"],
+        "ensemble_rescale": k["ensemble_rescale"],
     }
 
 
@@ -133,12 +136,15 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "relabel.in1k.cutmix_alpha": (["dataset=in1k", *RL], _aug, "cutmix_alpha", 1.0),
     "relabel.in1k.batch_size": (["dataset=in1k", *RL], _aug, "batch_size", 128),
     "relabel.in1k.epochs": (["dataset=in1k", *RL], _aug, "epochs", 300),
+    "relabel.in1k.drop_last_1x": (["dataset=in1k", "prune=1x", *RL], _aug, "drop_last", False),
+    "relabel.in1k.drop_last_pruned": (["dataset=in1k", "prune=40x", *RL], _aug, "drop_last", True),
     "relabel.tiny.mix": (["dataset=tiny", *RL], _aug, "mix", "none"),
     "relabel.tiny.batch_size": (["dataset=tiny", *RL], _aug, "batch_size", 64),
     "relabel.tiny.epochs": (["dataset=tiny", *RL], _aug, "epochs", 100),
     "relabel.in21k.mix": (["dataset=in21k", *RL], _aug, "mix", "cutout"),
     "relabel.in21k.flip": (["dataset=in21k", *RL], _aug, "flip", False),
     "relabel.in21k.cutout_factor": (["dataset=in21k", *RL], _aug, "cutout_factor", 0.5),
+    "relabel.in21k.cutout_fill": (["dataset=in21k", *RL], _aug, "cutout_fill", "random"),
     "relabel.in21k.batch_size": (["dataset=in21k", *RL], _aug, "batch_size", 32),
     "relabel.table9.teachers": ([*T9, *RL], _relabel_knobs, "teachers", 4),
     "relabel.table9.ensemble": ([*T9, *RL], _relabel_knobs, "ensemble", "mean_logits"),
@@ -175,6 +181,8 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "student.table8.scheduler": ([*T8, *ST], _student, "scheduler", "smooth_cosine"),
     "student.table8.rrc_scale": ([*T8, *RL], _aug, "rrc_scale", [0.5, 1.0]),
     "student.table8.batch_size": ([*T8, *RL], _aug, "batch_size", 100),
+    "relabel.table8.shuffle_patches": ([*T8, *RL], _aug, "shuffle_patches", 2),
+    "relabel.in1k.shuffle_patches": (["dataset=in1k", *RL], _aug, "shuffle_patches", 0),
     "squeeze.tiny.lr": (["dataset=tiny", "stage=squeeze"], _squeeze, "lr", 0.2),
     "squeeze.tiny.epochs": (["dataset=tiny", "stage=squeeze"], _squeeze, "epochs", 50),
     "data.tiny.mean": (["dataset=tiny"], _data, "mean", [0.4802, 0.4481, 0.3975]),

@@ -127,3 +127,25 @@ def test_stats_refuses_missing_teacher_and_unknown_stage(tmp_path):
     cfg.stage.name = "bogus"
     with pytest.raises(ConfigError, match="Valid stages"):
         dispatch(cfg)
+
+
+def test_official_stats_pass_is_a_function_of_the_teacher_seed(tmp_path):
+    """The official (augmented EMA) pass draws each image's crop/flip from (teacher seed, index): the global RNG
+    state before the pass and the run seed do not change its bytes (one pass per teacher serves every run seed,
+    and the key says so), while another teacher seed gives another pass."""
+    root = write_image_tree(tmp_path / "data", n_classes=4, per_class=6)
+    base = ["stage=stats", "stage.mode=official", *tiny_overrides(tmp_path, root), "stage.batch_size=8"]
+
+    def run(name: str, *extra: str) -> dict:
+        cfg = compose_cfg([*base, f"paths.artifacts={tmp_path / name}", *extra])
+        save_random_teacher(cfg)
+        torch.manual_seed(12345 + len(name))  # a different global RNG state before each pass
+        dispatch(cfg)
+        return torch.load(paths.stats_path(cfg), weights_only=True)
+
+    a, b, c = run("a"), run("bb", "seed=7"), run("ccc", "teacher_seed=3")
+    for x, y in zip(a["mean"] + a["var"], b["mean"] + b["var"]):
+        assert torch.equal(x, y)
+    assert any(not torch.equal(x, y) for x, y in zip(a["mean"], c["mean"]))
+    cfg0, cfg7 = (compose_cfg([*base, f"seed={s}"]) for s in (0, 7))
+    assert paths.stats_path(cfg0) == paths.stats_path(cfg7)

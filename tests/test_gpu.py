@@ -137,7 +137,7 @@ def test_4_relabel_store_replays_on_gpu(gpu_root, mode):
     from lpld.stages.relabel import store_path
 
     _, base = gpu_root
-    cfg = _cfg(base, "stage=relabel", f"stage.record_mode={mode}", "quant=none")
+    cfg = _cfg(base, "stage=relabel", f"relabel.record_mode={mode}", "quant=none")
     dispatch(cfg)
     store = LabelStore.open(store_path(cfg), verify="full")
     assert len(store) > 0
@@ -165,7 +165,7 @@ def _to_cuda(b):
 
 def test_5_student_records_top1(gpu_root):
     from lpld import paths
-    from lpld.core.results import load_records
+    from lpld.report.records import load_records
     from lpld.stages import dispatch
 
     _, base = gpu_root

@@ -196,10 +196,14 @@ def test_bad_inputs_fail_clearly_and_overwrite_nothing(tmp_path):
     assert part["classes_done"] == 3 and not part["complete"]
     d = out_dir(tmp_path)
     before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
-    # same folder, different config (lr) -> refused, nothing touched
+    # a different lr is another artifact (its key signs every recover knob): another folder
+    assert out_dir(tmp_path, "recover.lr=0.3").parent == d.parent and out_dir(tmp_path, "recover.lr=0.3") != d
+    # same folder, other inputs (another teacher at the same path) -> refused, nothing touched
+    make_teacher_and_stats(tmp_path, seed=5)
     with pytest.raises(ArtifactError, match="overwrite"):
-        run_recover(tmp_path, "recover.lr=0.3")
+        run_recover(tmp_path, "recover.class_start=3")
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    make_teacher_and_stats(tmp_path)
     # finishing the other classes with the original config completes the folder
     rest = run_recover(tmp_path, "recover.class_start=3")
     assert rest["complete"]

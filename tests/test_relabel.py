@@ -42,11 +42,11 @@ def test_prune_selection_seeded():
 def test_conf_prune_files_are_consistent():
     from pathlib import Path
 
-    from omegaconf import OmegaConf
+    from conftest import compose_cfg
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "prune"
     for f in sorted(conf.glob("*.yaml")):
-        c = OmegaConf.load(f)
+        c = compose_cfg([f"prune={f.stem}"]).prune  # the YAML option over its schema (lpld.config.schema)
         assert c.name == f.stem and c.granularity in ("batch", "epoch")
         factor = int(f.stem[:-1])
         assert abs(1 / (1 - c.ratio) - factor) / factor < 0.02
@@ -219,6 +219,56 @@ def test_prediction_scales_with_pruning_and_quantization():
 
 
 # ------------------------------------------------------------------------------------------------------ DDP
+
+
+@pytest.mark.parametrize("quant", [QuantConfig("none"), QuantConfig("mr", 2)])
+def test_lightning_relabel_path_equals_core_generate(tmp_path, quant):
+    """Fast tier: one CPU process through RelabelDataModule/RelabelModule writes the same store, byte for byte
+    (logits, top-k, augmentation records, manifest), as ``lpld.core.relabel.generate``."""
+    import lightning as L
+    from torch import nn
+
+    from lpld.core.label_store import LabelStore, finalize, prepare
+    from lpld.core.relabel import generate
+    from lpld.lit.relabel_datamodule import RelabelDataModule
+    from lpld.lit.relabel_module import RelabelModule
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6)).eval()
+    u8 = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    spec = StoreSpec(10, 6, (8, 8), 4, 2, "1x", 0.0, "batch", quant, AugConfig(8), "explicit", 3)
+    meta = {"images_fingerprint": "i", "teacher_fingerprint": "t"}
+    ref, lit = tmp_path / "ref", tmp_path / "lit"
+    prepare(ref, spec, meta)
+    generate(ref, teacher, augment.to_model_input(u8, (0.5,), (0.25,)))
+    finalize(ref)
+    prepare(lit, spec, meta)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.predict(
+        RelabelModule(teacher, lit, u8, (0.5,), (0.25,), chunk=2),
+        datamodule=RelabelDataModule(lit, batches_per_forward=2),
+        return_predictions=False,
+    )
+    finalize(lit)
+    files = sorted(p.name for p in ref.iterdir())
+    assert files == sorted(p.name for p in lit.iterdir())
+    for f in files:
+        assert (ref / f).read_bytes() == (lit / f).read_bytes(), f
+    a, b = LabelStore.open(ref, verify="full"), LabelStore.open(lit, verify="full")
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+        x, y = a.read(i), b.read(i)
+        assert torch.equal(x.index, y.index)
+        for name in ("logits", "topk_values", "topk_indices"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None and v is None) or torch.equal(u, v), name
 
 
 @pytest.mark.slow

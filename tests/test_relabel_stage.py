@@ -20,8 +20,8 @@ def _setup(tmp_path, extra: list[str] | None = None):
         "logger=none",
         "ipc=2",
         "model.width=8",
-        "stage.epochs=3",
-        "stage.batch_size=8",
+        "relabel.epochs=3",
+        "relabel.batch_size=8",
         "prune=10x",
         "quant=mr",
         "quant.k=3",
@@ -97,14 +97,14 @@ def test_storage_prediction_without_store(tmp_path, capsys):
 
 
 def test_relabel_stage_ensemble_teachers(tmp_path):
-    """stage.teachers: two teachers (model tags a, b) combined by mean logits; fingerprint covers both."""
+    """relabel.teachers: two teachers (model tags a, b) combined by mean logits; fingerprint covers both."""
     from omegaconf import OmegaConf
 
     from lpld.core.relabel import EnsembleTeacher
     from lpld.stages import relabel
     from lpld.stages.common import build_teacher_model
 
-    cfg = _setup(tmp_path, ["stage.teachers=[{tag: a}, {tag: b}]"])
+    cfg = _setup(tmp_path, ["relabel.teachers=[{tag: a}, {tag: b}]"])
     for tag, seed in (("a", 1), ("b", 2)):
         sub = OmegaConf.merge(cfg, {"model": {"tag": tag}})
         torch.manual_seed(seed)

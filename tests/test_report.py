@@ -8,20 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lpld.core.grids import class_rows_grid, make_grid_uint8, per_class_grids, read_png_uint8, save_grid_png
-from lpld.core.report_table import (
-    ReportError,
-    format_cell,
-    get_field,
-    natural_key,
-    pareto_front,
-    pareto_plot,
-    pareto_points,
-    pivot,
-    to_csv,
-    to_long_csv,
-    to_markdown,
-)
+from lpld.report.grids import class_rows_grid, make_grid_uint8, per_class_grids, read_png_uint8, save_grid_png
+from lpld.report.pareto import pareto_figure, pareto_front, pareto_plot, pareto_points
+from lpld.report.table import ReportError, format_cell, get_field, natural_key, pivot, to_csv, to_long_csv, to_markdown
 
 
 def rec(ipc, prune, seed, top1, method="lpld", **kw):
@@ -149,7 +138,33 @@ def test_pareto_points_and_plot():
     assert png == png2  # same records -> same bytes
 
 
-# ---- image grids (lpld.core.grids) ----
+def test_pareto_labels_name_method_and_label_format_distinctly_without_overlap():
+    """Crowded points of three methods and three label formats: every point is labelled, labels of one method
+    are distinct (configurations differing only outside the label fields get the differing field appended),
+    the legend names each method and label format, and no two labels overlap."""
+    recs = []
+    for method in ("lpld", "sre2l", "rded"):
+        for quant in ("none", "hard", {"mode": "mr", "k": 10}):
+            for prune in ("1x", "10x"):
+                recs.append(rec(10, prune, 0, 30.0 + len(recs) * 0.1, method=method, quant=quant))
+    recs.append(rec(10, "1x", 0, 31.0, method="lpld", metric="diff"))  # same label fields as a point above
+    pts = pareto_points(recs)
+    assert len(pts) == len(recs)
+    labels = {(p.group, p.label) for p in pts}
+    assert len(labels) == len(pts)  # distinct within each method
+    assert {p.kind for p in pts} == {"soft", "hard", "quant"}
+    assert any("metric=diff" in p.label for p in pts)
+    fig, canvas, anns = pareto_figure(pts)
+    assert [a.get_text() for a in anns] == [p.label for p in pts]  # every point carries its own label
+    legend = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert {"lpld", "sre2l", "rded", "soft labels", "hard labels", "quant labels", "Pareto front"} <= legend
+    r = canvas.get_renderer()
+    boxes = [a.get_window_extent(r) for a in anns]
+    overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlapping, [(anns[i].get_text(), anns[j].get_text()) for i, j in overlapping]
+
+
+# ---- image grids (lpld.report.grids) ----
 
 
 def _numbered(n, c=3, h=4, w=5):
@@ -201,9 +216,10 @@ def test_per_class_grids_and_png_roundtrip(tmp_path):
 
 
 def test_report_stage_writes_files(tmp_path, capsys):
+    from conftest import compose_cfg
     from omegaconf import OmegaConf
 
-    from lpld.core.results import append_record
+    from lpld.report.records import append_record
     from lpld.stages import report
 
     res = tmp_path / "art" / "demo" / "results" / "prune_grid.jsonl"
@@ -214,7 +230,7 @@ def test_report_stage_writes_files(tmp_path, capsys):
     cfg = OmegaConf.create(
         {
             "dataset": {"name": "demo"},
-            "stage": OmegaConf.load("conf/stage/report.yaml"),
+            "stage": compose_cfg(["stage=report"]).stage,  # report.yaml over its schema defaults
             "logger": {"name": "none", "log_images": False},
             "paths": {"artifacts": str(tmp_path / "art")},
         }
@@ -232,3 +248,20 @@ def test_report_stage_writes_files(tmp_path, capsys):
     out2 = report.run(cfg)
     assert out2["out_dir"] == str(res.parent / "reports" / "prune_grid")
     assert "| 50 | 55.3 ± 0.4 | 33.7 ± 0.0 |" in (res.parent / "reports" / "prune_grid" / "report.md").read_text()
+
+
+def test_replace_record_replaces_the_same_run_and_keeps_other_lines_byte_for_byte(tmp_path):
+    from lpld.report.records import REQUIRED_FIELDS, append_record, load_records, replace_record
+
+    def full(run_key, top1):
+        return {**{k: 0 for k in REQUIRED_FIELDS}, "run_key": run_key, "top1": top1}
+
+    path = tmp_path / "results.jsonl"
+    replace_record(path, full("a", 0.1))  # a new file
+    append_record(path, full("b", 0.2))
+    path.write_bytes(path.read_bytes() + b"\n")  # a blank line (dropped) and lines written by others (kept as is)
+    line_b = path.read_bytes().splitlines()[1]
+    replace_record(path, full("a", 0.3))
+    recs = load_records(path)
+    assert [(r["run_key"], r["top1"]) for r in recs] == [("b", 0.2), ("a", 0.3)]
+    assert path.read_bytes().splitlines()[0] == line_b

@@ -7,7 +7,7 @@ import multiprocessing as mp
 import pytest
 
 from lpld.core.io import ArtifactError
-from lpld.core.results import REQUIRED_FIELDS, append_record, load_records, results_file
+from lpld.report.records import REQUIRED_FIELDS, append_record, load_records, results_file
 
 
 def _record(i: int) -> dict:

@@ -10,7 +10,7 @@ from conftest import REPO, compose_cfg
 from test_student import base_overrides, prepare_store, save_random_teacher
 
 from lpld import paths
-from lpld.core.results import load_records
+from lpld.report.records import load_records
 
 pytestmark = pytest.mark.slow
 

@@ -54,6 +54,9 @@ def _check_job(cfg, chosen: dict[str, str], groups: set[str]) -> None:
             assert cfg.hydra.runtime.choices[key] == v
         else:
             assert OmegaConf.select(cfg, key) == yaml.safe_load(v)
+    from lpld.config.schema import unknown_keys
+
+    assert not unknown_keys(cfg), unknown_keys(cfg)  # every knob a sweep sets is one the typed schemas know
     job = OmegaConf.to_container(cfg, resolve=False)
     del job["hydra"]  # resolved per job at launch time (hydra.job.num ...)
     OmegaConf.to_container(OmegaConf.create(job), resolve=True)  # the job config's interpolations resolve

@@ -314,107 +314,65 @@ def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: i
 
 # ----------------------------------------------------------------------------------------------- student
 def bench_student(device: torch.device, img: int, num_classes: int, n_batches: int, epochs: int, batch: int = 128):
-    import lightning as L
-
-    from lpld.core.augment import AugConfig
-    from lpld.core.label_store import LabelStore, StoreSpec, finalize, prepare
-    from lpld.core.quant import QuantConfig
-    from lpld.core.relabel import generate
-    from lpld.lit.student_module import StudentData, StudentModule
+    """One student epoch through Lightning over a plain forward + backward of the same batches (ResNet-18)."""
+    from lpld.bench.student import EpochTimer, bench_module, bench_store, bench_trainer
+    from lpld.lit.student_module import StudentData
     from lpld.models import build_model
 
     torch.manual_seed(0)
     n = n_batches * batch
     u8 = torch.randint(0, 256, (n, 3, img, img), dtype=torch.uint8)
     labels = torch.arange(n) % num_classes
-    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "store"
-        spec = StoreSpec(
-            n, num_classes, (img, img), batch, epochs, "1x", 0.0, "batch", QuantConfig("none"), AugConfig(img),
-            "explicit", 0,
-        )  # fmt: skip
-        prepare(path, spec, {"images_fingerprint": "bench", "teacher_fingerprint": "bench"})
         small = build_model(
             {"name": "convnet", "width": 8, "depth": 3}, num_classes=num_classes, in_chans=3, img_size=img
         )
-        with torch.no_grad():
-            generate(path, small.to(device).eval(), augment.to_model_input(u8, MEAN, STD), device=device)
-        finalize(path)
-        store = LabelStore.open(path)
-        module = StudentModule(
-            model_cfg={"name": "resnet18"},
-            num_classes=num_classes,
-            in_chans=3,
-            img_size=img,
-            quant_mode="none",
-            loss={"name": "kl", "gamma": 0.1, "t2": False},
-            temp={"t0": 20.0, "schedule": "none"},
-            ca={"mode": "none", "value": 1.0},
-            optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
-            epochs=epochs,
-            steps_per_epoch=n_batches,
-            mean=MEAN,
-            std=STD,
+        store = bench_store(Path(tmp) / "store", u8, num_classes, batch, epochs, small.to(device).eval(), device=device)
+        module = bench_module(
+            {"name": "resnet18"}, num_classes, img, {"t0": 20.0, "schedule": "none"}, epochs, n_batches
         )
         module.set_images(u8, labels)
         data = StudentData(store, torch.arange(len(store)).numpy(), n_batches, "batch", seed=0)
-
-        model = build_model({"name": "resnet18"}, num_classes=num_classes, in_chans=3, img_size=img).to(device).train()
-        x_all = augment.to_model_input(u8.to(device), MEAN, STD)
-        stored = [store.read(i) for i in range(n_batches)]
-        xs = [augment.replay(x_all, augment_to(sb, device), img) for sb in stored]
-        ps = [torch.softmax(sb.logits.float().to(device) / 20.0, 1) for sb in stored]
-
-        def plain_epoch() -> float:
-            _sync(device)
-            t0 = time.perf_counter()
-            for x, p in zip(xs, ps):
-                model.zero_grad(set_to_none=True)
-                with amp:
-                    z = model(x)
-                F.kl_div(F.log_softmax(z.float() / 20.0, 1), p, reduction="batchmean").backward()
-            _sync(device)
-            return time.perf_counter() - t0
-
-        class Timer(L.Callback):
-            def __init__(self):
-                self.times, self.plain, self.t0 = [], [], 0.0
-
-            def on_train_epoch_start(self, trainer, pl_module):
-                _sync(device)
-                self.t0 = time.perf_counter()
-
-            def on_train_epoch_end(self, trainer, pl_module):
-                _sync(device)
-                self.times.append(time.perf_counter() - self.t0)
-                self.plain.append(plain_epoch())
-
-        timer = Timer()
+        timer = EpochTimer(_plain_student_epoch(device, u8, store, n_batches, img, num_classes), time.perf_counter)
+        timer.sync = lambda: _sync(device)
         _peak_reset(device)
-        trainer = L.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
-            precision=precision,
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-            limit_val_batches=0,
-            reload_dataloaders_every_n_epochs=1,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-        )
-        trainer.fit(module, datamodule=data)
-        ratios = [t / p for t, p in zip(timer.times[1:], timer.plain[1:])]
+        accelerator = "gpu" if device.type == "cuda" else "cpu"
+        precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+        bench_trainer(epochs, timer, accelerator, precision).fit(module, datamodule=data)
+        ratios = timer.ratios()
     return {
         "student_over_fwdbwd": float(statistics.median(ratios)),
         "student_img_per_s": n / statistics.median(timer.times[1:]),
         "student_peak_mem_gib": _peak_gib(device),
     }
+
+
+def _plain_student_epoch(
+    device: torch.device, u8: torch.Tensor, store: Any, n_batches: int, img: int, num_classes: int
+) -> Callable[[], float]:
+    """The reference: forward + backward (bf16 autocast on a GPU) of a ResNet-18 over the stored batches,
+    already augmented and held on the device; returns a function timing one such epoch."""
+    from lpld.models import build_model
+
+    model = build_model({"name": "resnet18"}, num_classes=num_classes, in_chans=3, img_size=img).to(device).train()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    x_all = augment.to_model_input(u8.to(device), MEAN, STD)
+    stored = [store.read(i) for i in range(n_batches)]
+    xs = [augment.replay(x_all, augment_to(sb, device), img) for sb in stored]
+    ps = [torch.softmax(sb.logits.float().to(device) / 20.0, 1) for sb in stored]
+
+    def plain_epoch() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, p in zip(xs, ps):
+            model.zero_grad(set_to_none=True)
+            with amp:
+                z = model(x)
+            F.kl_div(F.log_softmax(z.float() / 20.0, 1), p, reduction="batchmean").backward()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    return plain_epoch
 
 
 def augment_to(sb: Any, device: torch.device) -> Any:

@@ -37,26 +37,99 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 _clock = time.process_time
 
 
-class _EpochTimer(L.Callback):
+class EpochTimer(L.Callback):
     """Times each student epoch and, right after it, one plain epoch (interleaved: shared-CPU load
-    drifts slowly, so neighbouring measurements see the same load)."""
+    drifts slowly, so neighbouring measurements see the same load).
 
-    def __init__(self, plain_epoch: Callable[[], float]) -> None:
+    Args:
+        plain_epoch: runs one plain epoch and returns its time.
+        clock: the clock (CPU time here; wall time for the GPU suite).
+        sync: waits for the device before each reading (a no-op on the CPU).
+    """
+
+    def __init__(
+        self,
+        plain_epoch: Callable[[], float],
+        clock: Callable[[], float] = _clock,
+        sync: Callable[[], None] | None = None,
+    ) -> None:
         self.times: list[float] = []
         self.plain: list[float] = []
-        self.plain_epoch = plain_epoch
+        self.plain_epoch, self.clock = plain_epoch, clock
+        self.sync = sync or (lambda: None)
         self._t0 = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = _clock()
+        self.sync()
+        self._t0 = self.clock()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.times.append(_clock() - self._t0)
+        self.sync()
+        self.times.append(self.clock() - self._t0)
         self.plain.append(self.plain_epoch())
+
+    def ratios(self) -> list[float]:
+        """student epoch / its neighbouring plain epoch, the first (warm-up) epoch left out."""
+        return [t / p for t, p in zip(self.times[1:], self.plain[1:])]
+
+
+def bench_store(
+    path: Path, u8: torch.Tensor, num_classes: int, batch: int, epochs: int, teacher: torch.nn.Module, **generate_kw
+) -> LabelStore:
+    """A finished label store (quant none, explicit records, 1x) of ``u8`` (N, 3, S, S) labelled by ``teacher``."""
+    n, hw = u8.shape[0], u8.shape[-1]
+    spec = StoreSpec(
+        n, num_classes, (hw, hw), batch, epochs, "1x", 0.0, "batch", QuantConfig("none"), AugConfig(hw), "explicit", 0
+    )
+    prepare(path, spec, {"images_fingerprint": "bench", "teacher_fingerprint": "bench"})
+    with torch.no_grad():
+        generate(path, teacher, augment.to_model_input(u8, MEAN, STD), **generate_kw)
+    finalize(path)
+    return LabelStore.open(path)
+
+
+def bench_module(arch: dict, num_classes: int, hw: int, temp: dict, epochs: int, n_batches: int):
+    """The StudentModule both student benchmarks time: KL at T = 20, AdamW, no CA."""
+    from lpld.lit.student_module import StudentModule
+
+    return StudentModule(
+        model_cfg=arch,
+        num_classes=num_classes,
+        in_chans=3,
+        img_size=hw,
+        quant_mode="none",
+        loss={"name": "kl", "gamma": 0.1, "t2": False},
+        temp=temp,
+        ca={"mode": "none", "value": 1.0},
+        optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
+        epochs=epochs,
+        steps_per_epoch=n_batches,
+        mean=MEAN,
+        std=STD,
+    )
+
+
+def bench_trainer(epochs: int, timer: L.Callback, accelerator: str = "cpu", precision: str = "32-true") -> L.Trainer:
+    """A bare single-device Trainer: no logger, checkpoints, progress bar or validation."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
 
 
 def run(quick: bool = False) -> dict[str, float]:
-    from lpld.lit.student_module import StudentData, StudentModule
+    from lpld.lit.student_module import StudentData
     from lpld.models import build_model
 
     torch.manual_seed(0)
@@ -68,31 +141,10 @@ def run(quick: bool = False) -> dict[str, float]:
     u8 = torch.randint(0, 256, (n, 3, hw, hw), dtype=torch.uint8)
     labels = torch.arange(n) % c
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "store"
-        spec = StoreSpec(
-            n, c, (hw, hw), b, epochs, "1x", 0.0, "batch", QuantConfig("none"), AugConfig(hw), "explicit", 0
-        )
-        prepare(path, spec, {"images_fingerprint": "bench", "teacher_fingerprint": "bench"})
         teacher = build_model({"name": "convnet", "width": 16}, num_classes=c, in_chans=3, img_size=hw).eval()
-        generate(path, teacher, augment.to_model_input(u8, MEAN, STD))
-        finalize(path)
-        store = LabelStore.open(path)
-
-        module = StudentModule(
-            model_cfg=arch,
-            num_classes=c,
-            in_chans=3,
-            img_size=hw,
-            quant_mode="none",
-            loss={"name": "kl", "gamma": 0.1, "t2": False},
-            temp={"t0": 20.0, "schedule": "step", "step_size": 1, "gamma": 0.7, "floor": 2.0, "t_min": 1.0},
-            ca={"mode": "none", "value": 1.0},
-            optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
-            epochs=epochs,
-            steps_per_epoch=n_batches,
-            mean=MEAN,
-            std=STD,
-        )
+        store = bench_store(Path(tmp) / "store", u8, c, b, epochs, teacher)
+        temp = {"t0": 20.0, "schedule": "step", "step_size": 1, "gamma": 0.7, "floor": 2.0, "t_min": 1.0}
+        module = bench_module(arch, c, hw, temp, epochs, n_batches)
         module.set_images(u8, labels)
         data = StudentData(store, torch.arange(len(store)).numpy(), n_batches, "batch", seed=0)
 
@@ -111,22 +163,8 @@ def run(quick: bool = False) -> dict[str, float]:
                 loss.backward()
             return _clock() - t0
 
-        timer = _EpochTimer(plain_epoch)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-            limit_val_batches=0,
-            reload_dataloaders_every_n_epochs=1,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-        )
-        trainer.fit(module, datamodule=data)
+        timer = EpochTimer(plain_epoch)
+        bench_trainer(epochs, timer).fit(module, datamodule=data)
         # the first epoch of each is warm-up; the median of the neighbouring pairs' ratios of the rest
-        ratios = [t / p for t, p in zip(timer.times[1:], timer.plain[1:])]
+        ratios = timer.ratios()
     return {"student_over_fwdbwd": float(statistics.median(ratios))}

@@ -3,7 +3,9 @@
 The FKD-style relabel stage (SRe2L family, LPLD Sec. 3.3 / Table 21) labels each student batch
 after the augmentation the student will see: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3)
 + horizontal flip per image, then CutMix per batch (ImageNet-1K) or Cutout per image
-(ImageNet-21K), or no mixing. To train on the stored labels the student must rebuild exactly
+(ImageNet-21K), or no mixing. Two optional switches reproduce other official pipelines:
+``shuffle_patches`` (RDED's ShufflePatches, before the crop; LPLD Table 8) and ``cutout_fill="random"``
+(the official ImageNet-21K Cutout colour). To train on the stored labels the student must rebuild exactly
 the tensor the teacher saw, so every random choice is
 
 * drawn from a per-batch seed (``batch_seed(seed, epoch, batch)``) with numpy's PCG64, which
@@ -17,8 +19,11 @@ the tensor the teacher saw, so every random choice is
 Deviations from the official code, on purpose:
     * a short last batch gets its own augmentation (the official loader reuses the last
       sample's crop for the missing entries);
-    * Cutout fills with 0 in the normalized input space (the dataset mean colour) instead of a
-      random RGB colour, so the record needs no fill value.
+    * Cutout fills with 0 in the normalized input space (the dataset mean colour) by default;
+      ``cutout_fill="random"`` is the official 21K fill (a uniform RGB colour in 0..255 per image,
+      ``CutoutPILWithCoords``), stored as uint8 and normalized like a pixel of that colour;
+    * ShufflePatches draws its permutations with the batch's PCG64 stream (RDED uses Python's
+      ``random.shuffle`` per image): the same distribution, uniform and independent per image and axis.
 
 Coordinates convention: crops are (top, left, height, width) in source pixels; the CutMix
 box and Cutout boxes are (y1, x1, y2, x2), half-open, in output pixels.
@@ -27,6 +32,7 @@ box and Cutout boxes are (y1, x1, y2, x2), half-open, in output pixels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +40,9 @@ import numpy as np
 import torch
 
 MIX_MODES = ("cutmix", "cutout", "none")
+CUTOUT_FILLS = ("zero", "random")
+# switches whose default leaves ``to_dict`` (and thereby every store identity and key) as it was before they existed
+_OPTIONAL_DEFAULTS = {"shuffle_patches": 0, "cutout_fill": "zero", "fill_mean": None, "fill_std": None}
 
 # Domain tags separate the random streams of different purposes that share the user seed.
 _TAG_AUG = 0x41554721  # "AUG!"
@@ -50,9 +59,15 @@ class AugConfig:
         ratio: RandomResizedCrop aspect-ratio range (w / h).
         flip: random horizontal flip with p = 0.5.
         mix: "cutmix" (one partner permutation, lambda and box per batch), "cutout" (one box per
-            image, zero fill) or "none".
+            image, filled per ``cutout_fill``) or "none".
         cutmix_alpha: Beta(alpha, alpha) for the CutMix lambda.
         cutout_factor: Cutout box side as a fraction of the output side.
+        shuffle_patches: 0 = off; f >= 2: RDED's ShufflePatches(f) before the crop -- the source is cut
+            into f column strips and f row strips of side (H // f, W // f) (a remainder is dropped, as
+            RDED's code does), each image's column strips and row strips permuted independently.
+        cutout_fill: "zero" (0 in normalized space) or "random" (an RGB colour 0..255 per image).
+        fill_mean, fill_std: the input normalization (``to_model_input``), needed by "random" to turn the
+            pixel colour into the normalized value; None otherwise.
     """
 
     out_size: int
@@ -62,10 +77,15 @@ class AugConfig:
     mix: str = "cutmix"
     cutmix_alpha: float = 1.0
     cutout_factor: float = 0.5
+    shuffle_patches: int = 0
+    cutout_fill: str = "zero"
+    fill_mean: tuple[float, ...] | None = None
+    fill_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mix not in MIX_MODES:
             raise ValueError(f"aug mix must be one of {MIX_MODES}, got {self.mix!r}")
+        self._check_switches()
         if self.out_size <= 0 or self.out_size > 65535:
             raise ValueError(f"aug out_size must be in 1..65535, got {self.out_size}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
@@ -73,15 +93,48 @@ class AugConfig:
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"aug ratio must satisfy 0 < lo <= hi, got {self.ratio}")
 
+    def _check_switches(self) -> None:
+        """Validate ``shuffle_patches`` and ``cutout_fill`` (the patch side is checked against the source in draw)."""
+        f = self.shuffle_patches
+        if not (f == 0 or 2 <= f <= 255):
+            raise ValueError(f"aug shuffle_patches must be 0 (off) or 2..255 patches per side, got {f}")
+        if f and self.out_size // f < f:  # lpld crops to the source side; draw checks the source itself
+            raise ValueError(f"aug shuffle_patches={f} needs images of at least {f * f} px a side, got {self.out_size}")
+        if self.cutout_fill not in CUTOUT_FILLS:
+            raise ValueError(f"aug cutout_fill must be one of {CUTOUT_FILLS}, got {self.cutout_fill!r}")
+        has_norm = self.fill_mean is not None or self.fill_std is not None
+        if self.cutout_fill == "zero" and has_norm:
+            raise ValueError("aug fill_mean / fill_std are only used by cutout_fill=random")
+        if self.cutout_fill == "random":
+            if self.mix != "cutout":
+                raise ValueError(f"aug cutout_fill=random needs mix=cutout, got mix={self.mix!r}")
+            if not has_norm or len(self.fill_mean or ()) != len(self.fill_std or ()) or not self.fill_mean:
+                raise ValueError("aug cutout_fill=random needs fill_mean and fill_std of one value per channel")
+
+    @property
+    def fill_norm(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) that turn a random Cutout colour into the normalized input value, or None (zero fill)."""
+        if self.cutout_fill != "random":
+            return None
+        return tuple(self.fill_mean), tuple(self.fill_std)  # type: ignore[arg-type]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        for k, default in _OPTIONAL_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]  # off: the dict (store identity, key) is the one written before the switch existed
+            elif isinstance(d[k], tuple):
+                d[k] = list(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AugConfig:
         d = dict(d)
         d["scale"], d["ratio"] = tuple(float(v) for v in d["scale"]), tuple(float(v) for v in d["ratio"])
+        for k in ("fill_mean", "fill_std"):
+            if d.get(k) is not None:
+                d[k] = tuple(float(v) for v in d[k])
         return cls(**d)
 
 
@@ -97,6 +150,10 @@ class AugRecord:
         lam: CutMix lambda as drawn from Beta(alpha, alpha) (the pasted area follows the clipped box).
         box: (4,) int64 CutMix box (y1, x1, y2, x2) in output pixels, or None.
         cutout: (B, 4) int64 Cutout boxes (y1, x1, y2, x2) in output pixels, or None.
+        cutout_rgb: (B, C) uint8 Cutout colour per image (``cutout_fill="random"``), or None (zero fill).
+        fill_norm: (mean, std) of the input normalization, set with ``cutout_rgb`` (``AugConfig.fill_norm``).
+        patch_perm: (B, 2, f) int64 ShufflePatches order, or None: ``[:, 0]`` row strips, ``[:, 1]``
+            column strips; output strip j shows source strip ``patch_perm[..., j]``.
     """
 
     crops: torch.Tensor
@@ -106,6 +163,9 @@ class AugRecord:
     lam: float | None = None
     box: torch.Tensor | None = None
     cutout: torch.Tensor | None = field(default=None)
+    cutout_rgb: torch.Tensor | None = None
+    fill_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    patch_perm: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.crops.shape[0])
@@ -126,6 +186,9 @@ class AugRecord:
             and same(self.mix_index, other.mix_index)
             and same(self.box, other.box)
             and same(self.cutout, other.cutout)
+            and same(self.cutout_rgb, other.cutout_rgb)
+            and self.fill_norm == other.fill_norm
+            and same(self.patch_perm, other.patch_perm)
             and lam_same
         )
 
@@ -135,7 +198,7 @@ def record_to(rec: AugRecord, device: torch.device | str, non_blocking: bool = F
 
     ``apply`` slices with the box, which needs Python ints: reading them from a device tensor would
     block the host on every batch. The per-image parts (crops, flips, partner index, Cutout boxes)
-    are what the device math reads, so they move.
+    are what the device math reads, so they move (with the Cutout colours and patch orders).
     """
 
     def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -150,7 +213,31 @@ def record_to(rec: AugRecord, device: torch.device | str, non_blocking: bool = F
         lam=rec.lam,
         box=box,
         cutout=mv(rec.cutout),
+        cutout_rgb=mv(rec.cutout_rgb),
+        fill_norm=rec.fill_norm,
+        patch_perm=mv(rec.patch_perm),
     )
+
+
+def switch_fields(
+    mix: str, shuffle_patches: Any, cutout_fill: Any, mean: Sequence[float], std: Sequence[float]
+) -> dict[str, Any]:
+    """``AugConfig`` keyword arguments of the two optional switches, resolved one way for every config path.
+
+    Args:
+        mix: the resolved mix mode; a random Cutout colour exists only with ``cutout``, so any other mix keeps
+            the plain (zero-fill) identity.
+        shuffle_patches: None or 0 (off) or f; cutout_fill: None / "zero" or "random".
+        mean, std: the dataset normalization the images are fed with (``to_model_input``).
+    """
+    fill = str(cutout_fill or "zero") if mix == "cutout" else "zero"
+    norm = fill == "random"
+    return {
+        "shuffle_patches": int(shuffle_patches or 0),
+        "cutout_fill": fill,
+        "fill_mean": tuple(float(v) for v in mean) if norm else None,
+        "fill_std": tuple(float(v) for v in std) if norm else None,
+    }
 
 
 def batch_seed(seed: int, epoch: int, batch: int) -> int:
@@ -211,6 +298,23 @@ def _clip_box(cy: np.ndarray, cx: np.ndarray, bh: int, bw: int, size: int) -> np
     return np.stack([y1, x1, y2, x2], axis=-1).astype(np.int64)
 
 
+def shuffled_hw(cfg: AugConfig, src_hw: tuple[int, int]) -> tuple[int, int]:
+    """(H', W') of the image the crop is drawn on: the source, or its ShufflePatches reassembly.
+
+    RDED's ``ShufflePatches.shuffle_weight`` cuts strips of side ``W // f`` (``img[..., i : i + tw]``
+    with ``i`` the pixel offset), so ``W mod f`` columns (rows) are dropped. Its last-strip branch
+    ``if i != factor - 1`` compares that pixel offset with the strip count and never fires once the strip
+    side is >= f; smaller strips are refused, since lpld would not reproduce that branch.
+    """
+    h, w = int(src_hw[0]), int(src_hw[1])
+    f = cfg.shuffle_patches
+    if not f:
+        return h, w
+    if h // f < f or w // f < f:
+        raise ValueError(f"shuffle_patches={f} needs images of at least {f * f} px per side, got {h}x{w}")
+    return f * (h // f), f * (w // f)
+
+
 def draw(cfg: AugConfig, batch_size: int, src_hw: tuple[int, int], seed: int) -> AugRecord:
     """Draw one batch's augmentation from its seed (pure function of the arguments).
 
@@ -221,7 +325,7 @@ def draw(cfg: AugConfig, batch_size: int, src_hw: tuple[int, int], seed: int) ->
         seed: the batch seed, see ``batch_seed``.
     """
     rng = np.random.Generator(np.random.PCG64(int(seed)))
-    h, w = int(src_hw[0]), int(src_hw[1])
+    h, w = shuffled_hw(cfg, src_hw)  # RDED crops the shuffled image (ToTensor, ShufflePatches, RRC, flip)
     crops = _rrc_params(rng, batch_size, h, w, cfg)
     u_flip = rng.random(batch_size)
     flips = (u_flip < 0.5) if cfg.flip else np.zeros(batch_size, dtype=bool)
@@ -241,6 +345,14 @@ def draw(cfg: AugConfig, batch_size: int, src_hw: tuple[int, int], seed: int) ->
         cy = rng.integers(0, s, size=batch_size)
         cx = rng.integers(0, s, size=batch_size)
         rec.cutout = torch.from_numpy(_clip_box(cy, cx, side, side, s))
+        if cfg.cutout_fill == "random":
+            # CutoutPILWithCoords: (random.randint(0, 255),) * 3 per image, inclusive, in pixel space
+            rgb = rng.integers(0, 256, size=(batch_size, len(cfg.fill_mean or ())))
+            rec.cutout_rgb, rec.fill_norm = torch.from_numpy(rgb.astype(np.uint8)), cfg.fill_norm
+    # drawn last, so switching it on leaves every other parameter of the same seed unchanged
+    if cfg.shuffle_patches:
+        order = np.broadcast_to(np.arange(cfg.shuffle_patches, dtype=np.int64), (batch_size, 2, cfg.shuffle_patches))
+        rec.patch_perm = torch.from_numpy(rng.permuted(order, axis=2))
     return rec
 
 
@@ -279,7 +391,22 @@ def _axis_coords(start: torch.Tensor, length: torch.Tensor, out_size: int) -> tu
     return start.view(-1, 1) + lo, start.view(-1, 1) + hi, w
 
 
-def resized_crop(images: torch.Tensor, index: torch.Tensor, crops: torch.Tensor, out_size: int) -> torch.Tensor:
+def _unshuffle(coord: torch.Tensor, perm: torch.Tensor, side: int) -> torch.Tensor:
+    """Source row (column) of shuffled-image row (column) ``coord``: (B, S) int64.
+
+    Output strip j of the shuffled image is source strip ``perm[:, j]`` (perm: (B, f) int64), strips of
+    ``side`` pixels, so y -> perm[y // side] * side + y % side.
+    """
+    return perm.gather(1, torch.div(coord, side, rounding_mode="floor")) * side + torch.remainder(coord, side)
+
+
+def resized_crop(
+    images: torch.Tensor,
+    index: torch.Tensor,
+    crops: torch.Tensor,
+    out_size: int,
+    patch_perm: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Batched crop + bilinear resize (``torchvision`` resized_crop semantics, antialias off).
 
     Samples only inside each crop (edge pixels replicate, as crop-then-resize does), with the
@@ -288,8 +415,11 @@ def resized_crop(images: torch.Tensor, index: torch.Tensor, crops: torch.Tensor,
     Args:
         images: (N, C, H, W) float.
         index: (B,) int64 source image of each crop.
-        crops: (B, 4) int64 (top, left, height, width).
+        crops: (B, 4) int64 (top, left, height, width); with ``patch_perm``, in the shuffled image.
         out_size: S.
+        patch_perm: (B, 2, f) int64 ShufflePatches order (see ``AugRecord``), or None. The crop is taken
+            from the reassembled image; since a strip permutation per axis maps every row and every column
+            on its own, the taps are remapped instead of building that image (the same values, gathered).
 
     Returns:
         (B, C, S, S).
@@ -298,6 +428,11 @@ def resized_crop(images: torch.Tensor, index: torch.Tensor, crops: torch.Tensor,
     top, left, ch, cw = crops.unbind(1)
     y0, y1, wy = _axis_coords(top, ch, out_size)
     x0, x1, wx = _axis_coords(left, cw, out_size)
+    if patch_perm is not None:
+        f = patch_perm.shape[-1]
+        th, tw = images.shape[2] // f, images.shape[3] // f
+        y0, y1 = _unshuffle(y0, patch_perm[:, 0], th), _unshuffle(y1, patch_perm[:, 0], th)
+        x0, x1 = _unshuffle(x0, patch_perm[:, 1], tw), _unshuffle(x1, patch_perm[:, 1], tw)
     # rows: pick (image, row) pairs straight from the (N, H, C, W) view: one advanced-indexing copy,
     # much cheaper on CPU than gather with expanded index tensors; every output is the same
     # elementwise expression a + (b - a) * w, so results do not depend on threads or device.
@@ -327,7 +462,8 @@ def apply(images: torch.Tensor, index: torch.Tensor, rec: AugRecord, out_size: i
     if index.numel() != len(rec):
         raise ValueError(f"batch has {index.numel()} images but the record has {len(rec)} entries")
     dev = images.device
-    out = resized_crop(images, index.to(dev), rec.crops.to(dev), out_size)
+    perm = None if rec.patch_perm is None else rec.patch_perm.to(dev)
+    out = resized_crop(images, index.to(dev), rec.crops.to(dev), out_size, patch_perm=perm)
     flips = rec.flips.to(dev).view(-1, 1, 1, 1)
     out = torch.where(flips, out.flip(-1), out)
     if rec.mix == "cutmix":
@@ -349,8 +485,22 @@ def apply(images: torch.Tensor, index: torch.Tensor, rec: AugRecord, out_size: i
             & (xx >= b[:, 1].view(-1, 1, 1))
             & (xx < b[:, 3].view(-1, 1, 1))
         )
-        out = out.masked_fill(inside.unsqueeze(1), 0.0)
+        out = _fill_cutout(out, inside.unsqueeze(1), rec)
     return out
+
+
+def _fill_cutout(out: torch.Tensor, inside: torch.Tensor, rec: AugRecord) -> torch.Tensor:
+    """Fill the Cutout boxes (inside: (B, 1, S, S) bool) with 0, or with each image's recorded colour.
+
+    The colour (B, C) uint8 goes through ``to_model_input``, so the box holds exactly the value a pixel of
+    that colour has in the input: the official 21K pipeline draws on the uint8 crop before ``ToTensor``.
+    """
+    if rec.cutout_rgb is None:
+        return out.masked_fill(inside, 0.0)
+    assert rec.fill_norm is not None, "a random Cutout colour needs its normalization (AugRecord.fill_norm)"
+    rgb = rec.cutout_rgb.to(out.device)
+    fill = to_model_input(rgb.view(*rgb.shape, 1, 1), *rec.fill_norm).to(out.dtype)
+    return torch.where(inside, fill, out)
 
 
 def replay(images_float: torch.Tensor, batch: Any, out_size: int) -> torch.Tensor:

@@ -160,6 +160,20 @@ class ClasswiseBNStats:
         self._y = None
         return out
 
+    def to_private(self, device: torch.device | str) -> None:
+        """Move every accumulator to ``device`` as a private copy (a clone, even when already there).
+
+        Under ``ddp_spawn`` the accumulators are pickled through torch.multiprocessing, which puts CPU
+        tensors in shared memory: without the clone every rank would add into the same buffers.
+        """
+        self.count = self.count.to(device).clone()
+        self.s1 = [t.to(device).clone() for t in self.s1]
+        self.s2 = [t.to(device).clone() for t in self.s2]
+        self.shift = [t.to(device).clone() for t in self.shift]
+        if self.mode in EMA_MODES:
+            self.run_mean = [t.to(device).clone() for t in self.run_mean]
+            self.run_var = [t.to(device).clone() for t in self.run_var]
+
     def sums(self) -> list[torch.Tensor]:
         """The additive accumulators, in a fixed order (for an all-reduce SUM across ranks)."""
         return [self.count, *self.s1, *self.s2]

@@ -21,14 +21,23 @@ which loss is active.
   At T = 20 its gradient is ~1e-7 against ~1e-2 for the CE term, so it trains on hard labels.
 * ``ce``: cross-entropy of the raw logits on hard labels, the no-soft-label baseline. With
   CutMix the loss mixes the two images' labels with the stored area share lambda.
+
+``student.loss=<name>`` selects a function registered with ``@register_student_loss(name)`` that maps
+:class:`LossInputs` (one slice of a stored batch) to (loss, soft target or None); ``get_student_loss`` /
+``list_student_losses`` look them up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("kl", "mse_gt", "ce")
+from lpld.core.registry import Registry
+
 MSE_TARGETS = ("logits", "probs")  # student.mse_target of loss=mse_gt: G-VBSM's raw logits | lpld's softmax
 SMOOTHING_SPACES = ("probs", "logits")  # student.smoothing_space: where label smoothing acts on the soft target
 
@@ -181,3 +190,83 @@ def hard_ce(
     a = F.cross_entropy(z, labels, label_smoothing=label_smoothing, reduction="none")
     b = F.cross_entropy(z, partner_labels, label_smoothing=label_smoothing, reduction="none")
     return (lam_t * a + (1.0 - lam_t) * b).mean()
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclass
+class LossInputs:
+    """What a student loss sees for one slice of a stored batch.
+
+    Attributes:
+        logits: (n, C) raw student outputs of the slice.
+        labels: (n,) class of each (base) image.
+        partner: (n,) classes of the CutMix partners, or None without CutMix.
+        lam: CutMix area share of the base image, or None.
+        stored: the StoredBatch (``logits`` / ``hard`` fields per the store's quant mode).
+        rows: the slice's rows of ``stored``.
+        quant_mode: the store's label format (none | mr | ms | hard).
+        target: () -> (n, C) teacher distribution at ``teacher_t`` (decoded on demand: ``ce`` never needs it).
+        teacher_t: teacher temperature T this epoch; ``student_t`` the student's T_s.
+        label_smoothing: smoothing of the hard labels (ce, GT term); the soft target is already smoothed.
+        options: the ``student.loss`` options (gamma, t2, mse_target).
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    partner: torch.Tensor | None
+    lam: float | None
+    stored: Any
+    rows: slice
+    quant_mode: str
+    target: Callable[[], torch.Tensor]
+    teacher_t: float
+    student_t: float
+    label_smoothing: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# a student loss: inputs -> (scalar loss, the soft target it used or None); the target feeds Calibrated Alignment
+StudentLoss = Callable[[LossInputs], tuple[torch.Tensor, torch.Tensor | None]]
+_LOSSES: Registry[StudentLoss] = Registry("student loss", "student.loss")
+
+
+def register_student_loss(name: str) -> Callable[[StudentLoss], StudentLoss]:
+    """Decorator: register a ``LossInputs -> (loss, target | None)`` function as ``student.loss=<name>``."""
+    return _LOSSES.register(name)
+
+
+def get_student_loss(name: str) -> StudentLoss:
+    """The loss called ``name`` (raises ConfigError naming the valid losses)."""
+    return _LOSSES.get(name)
+
+
+def list_student_losses() -> list[str]:
+    """Registered student losses, in registration order."""
+    return _LOSSES.names()
+
+
+@register_student_loss("kl")
+def _kl(b: LossInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    target = b.target()
+    t2 = b.teacher_t if b.options.get("t2") else None
+    return kd_kl(b.logits, target, b.student_t, t2_scale=t2), target
+
+
+@register_student_loss("mse_gt")
+def _mse_gt(b: LossInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gamma = float(b.options.get("gamma", 0.1))
+    if b.options.get("mse_target", "probs") == "logits":
+        # G-VBSM: MSE on the raw stored logits + gamma x CE on each image's own class
+        return mse_logits_gt(b.logits, b.stored.logits[b.rows], b.labels, gamma), None
+    target = b.target()
+    return mse_gt(b.logits, target, b.labels, b.student_t, gamma, b.label_smoothing, b.partner, b.lam), target
+
+
+@register_student_loss("ce")
+def _ce(b: LossInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if b.quant_mode == "hard":  # the teacher's label of the augmented (mixed) image
+        return hard_ce(b.logits, b.stored.hard[b.rows].long(), label_smoothing=b.label_smoothing), None
+    return hard_ce(b.logits, b.labels, b.partner, b.lam, b.label_smoothing), None
+
+
+LOSSES = tuple(list_student_losses())  # the built-in losses (kept for older imports; the registry is the truth)

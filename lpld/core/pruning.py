@@ -28,11 +28,37 @@ GRANULARITIES = ("epoch", "batch")
 _TAG_PRUNE = 0x5052554E  # "PRUN"
 
 
-def batches_per_epoch(num_images: int, batch_size: int) -> int:
-    """``ceil(N / B)``: a short last batch is kept (with its own size and augmentation)."""
+DROP_LAST_MODES = ("auto", "true", "false")
+
+
+def batches_per_epoch(num_images: int, batch_size: int, drop_last: bool = False) -> int:
+    """``ceil(N / B)``: a short last batch is kept (with its own size and augmentation); ``floor(N / B)`` with
+    ``drop_last`` (the N mod B images at the end of each epoch's order are not seen that epoch)."""
     if num_images <= 0 or batch_size <= 0:
         raise ValueError(f"need num_images > 0 and batch_size > 0, got {num_images}, {batch_size}")
-    return math.ceil(num_images / batch_size)
+    return num_images // batch_size if drop_last else math.ceil(num_images / batch_size)
+
+
+def resolve_drop_last(mode: str | bool, prune_ratio: float, num_images: int, batch_size: int) -> bool:
+    """Whether the short last batch of each epoch is dropped from the relabel schedule.
+
+    ``auto`` is the official generator's rule (``generate_soft_label_pruning.py``: ``drop_last = prune_ratio > 0``,
+    i.e. drop it only when pruning; the paper: "For label pruning, we exclude the last batch"), except when an
+    epoch has no full batch (N < B), where dropping would leave nothing (the official loader would yield zero
+    batches): the one short batch is then kept. ``true`` drops it also unpruned (refused when N < B), ``false``
+    keeps it always (lpld before the switch).
+    """
+    m = str(mode).lower()
+    if m not in DROP_LAST_MODES:
+        raise ValueError(f"drop_last must be one of {DROP_LAST_MODES}, got {mode!r}")
+    if m == "auto":
+        return prune_ratio > 0 and num_images % batch_size != 0 and num_images >= batch_size
+    if m == "true" and num_images < batch_size:
+        raise ValueError(
+            f"drop_last=true with {num_images} images and batch size {batch_size} leaves no batch; "
+            "set relabel drop_last=auto or false, or a smaller batch size"
+        )
+    return m == "true" and num_images % batch_size != 0
 
 
 def batch_size_of(batch: int, num_images: int, batch_size: int) -> int:
@@ -52,7 +78,7 @@ def select_batches(epochs: int, batches_per_epoch: int, ratio: float, granularit
 
     Args:
         epochs: student epochs E of the full schedule.
-        batches_per_epoch: batches per epoch, ``ceil(N / B)``.
+        batches_per_epoch: batches per epoch, ``ceil(N / B)`` (``floor`` when the short last batch is dropped).
         ratio: pruning ratio r in [0, 1).
         granularity: "epoch" (whole epochs) or "batch" (individual batches from any epoch).
         seed: selection seed (same seed => same selection, whatever the ranks or the resume point).

@@ -64,19 +64,22 @@ def predict_paper(
     granularity: str = "epoch",
     mix: str = "cutmix",
     conv: PaperConvention = PaperConvention(),
+    drop_last: bool = False,
 ) -> dict[str, Any]:
     """Label bytes under the paper's (official code's) convention, by Table 21 component.
 
     Pruning keeps ``num_kept`` epochs (granularity epoch) or batches (batch); at batch granularity
     the kept batches are counted as full batches (the short last batch is a rounding detail).
+    ``drop_last``: each epoch holds only its full batches (the official generator when pruning).
     """
-    bpe = batches_per_epoch(num_images, batch_size)
+    bpe = batches_per_epoch(num_images, batch_size, drop_last)
+    seen = bpe * batch_size if drop_last else num_images  # images labelled per epoch
     if granularity == "epoch":
         ep = num_kept(epochs, prune_ratio)
-        batches, image_epochs = ep * bpe, ep * num_images
+        batches, image_epochs = ep * bpe, ep * seen
     else:
         batches = num_kept(epochs * bpe, prune_ratio)
-        image_epochs = min(batches * batch_size, epochs * num_images)
+        image_epochs = min(batches * batch_size, epochs * seen)
     comp = {
         "crop_coords": image_epochs * conv.crop_bytes,
         "flips": image_epochs * conv.flip_bytes,

@@ -203,10 +203,28 @@ def synthesize(
         model.train(was_training)
 
 
-def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> list[UnitResult]:
-    """The loop of :func:`synthesize` (model already in eval mode with frozen weights)."""
+@dataclass
+class _Layout:
+    """The device batch of :func:`synthesize`: every unit's images, class-major, one segment id per image.
+
+    Attributes:
+        x0: per class, its (ipc, C, H, W) initial images, in batch order.
+        labels: (n,) class of every image.
+        seg: (n,) segment id of every image (host tensor).
+        segments: the segments, indexed by id.
+        offsets: first image of each unit.
+    """
+
+    x0: list[torch.Tensor]
+    labels: list[int]
+    seg: torch.Tensor
+    segments: list[Segment]
+    offsets: list[int]
+
+
+def _layout(units: Sequence[Unit], cfg: SynthesisConfig) -> _Layout:
+    """Lay out the device batch; raises ValueError unless each unit's segments partition its images."""
     ipc = cfg.ipc
-    # --- lay out the device batch: images of all units, one segment id per image
     x0, labels, seg_ids, segments, offsets = [], [], [], [], []
     n = 0
     for u in units:
@@ -218,7 +236,6 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
             seg_ids.append((len(segments), [n + i for i in s.images]))
             segments.append(s)
         n += len(u.classes) * ipc
-    S = len(segments)
     seg = torch.full((n,), -1, dtype=torch.long)
     hits = torch.zeros(n, dtype=torch.long)
     for sid, idx in seg_ids:
@@ -226,12 +243,18 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
         hits[idx] += 1
     if not bool((hits == 1).all()):
         raise ValueError("every image must belong to exactly one segment (a unit's segments must partition it)")
-    # images per segment: counted once on the host (a per-step bincount would sync with the device)
-    counts = segment_counts(seg, S).to(device)
-    seg = seg.to(device)
-    targets = torch.tensor(labels, dtype=torch.long, device=device)
+    return _Layout(x0, labels, seg, segments, offsets)
 
-    # --- BN targets per segment and layer: (S, C_l)
+
+def _bn_targets(
+    model: nn.Module,
+    segments: Sequence[Segment],
+    class_mean: Sequence[torch.Tensor] | None,
+    class_var: Sequence[torch.Tensor] | None,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """BN targets per layer l: (S, C_l) means and variances, a segment's row being its class's statistics
+    (class-wise supervision, Eq. 3) or the teacher's running statistics (Eq. 2)."""
     g_mean, g_var = global_bn_targets(model)
     t_mean, t_var = [], []
     for li in range(len(g_mean)):
@@ -247,12 +270,44 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
                 rows_v.append(class_var[li][s.stats_class].float())
         t_mean.append(torch.stack([r.to(device) for r in rows_m]))
         t_var.append(torch.stack([r.to(device) for r in rows_v]))
+    return t_mean, t_var
 
-    plans = JitterPlan.stack([segment_plan(s, cfg) for s in segments]).to(device)
+
+def _unit_results(
+    units: Sequence[Unit], lay: _Layout, images: torch.Tensor, last: SegmentLosses | None, ipc: int
+) -> list[UnitResult]:
+    """Cut the optimised batch (CPU) back into units, with each class's final losses."""
+    results: list[UnitResult] = []
+    sid = 0
+    for u, off in zip(units, lay.offsets):
+        k = len(u.classes) * ipc
+        res = UnitResult(
+            classes=u.classes, images=images[off : off + k].clone(), labels=torch.tensor(lay.labels[off : off + k])
+        )
+        seg_range = range(sid, sid + len(u.segments))
+        sid += len(u.segments)
+        for p, c in enumerate(u.classes):
+            mine = [s for s in seg_range if any(i // ipc == p for i in lay.segments[s].images)]
+            res.class_loss[c] = _mean_losses(last, mine) if last is not None else {}
+        results.append(res)
+    return results
+
+
+def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> list[UnitResult]:
+    """The loop of :func:`synthesize` (model already in eval mode with frozen weights)."""
+    lay = _layout(units, cfg)
+    S = len(lay.segments)
+    # images per segment: counted once on the host (a per-step bincount would sync with the device)
+    counts = segment_counts(lay.seg, S).to(device)
+    seg = lay.seg.to(device)
+    targets = torch.tensor(lay.labels, dtype=torch.long, device=device)
+    t_mean, t_var = _bn_targets(model, lay.segments, class_mean, class_var, device)
+
+    plans = JitterPlan.stack([segment_plan(s, cfg) for s in lay.segments]).to(device)
     lo = torch.tensor(cfg.pixel_min, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     hi = torch.tensor(cfg.pixel_max, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
-    x = torch.cat(x0).to(device).requires_grad_(True)
+    x = torch.cat(lay.x0).to(device).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     last: SegmentLosses | None = None
     with BNInputHooks(model) as hooks:
@@ -273,22 +328,7 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
             last = SegmentLosses(*(v.detach() for v in (losses.total, losses.ce, losses.bn, losses.tv, losses.l2)))
             if on_step is not None:
                 on_step(t, last)
-
-    images = x.detach().cpu()
-    results: list[UnitResult] = []
-    sid = 0
-    for u, off in zip(units, offsets):
-        k = len(u.classes) * ipc
-        res = UnitResult(
-            classes=u.classes, images=images[off : off + k].clone(), labels=torch.tensor(labels[off : off + k])
-        )
-        seg_range = range(sid, sid + len(u.segments))
-        sid += len(u.segments)
-        for p, c in enumerate(u.classes):
-            mine = [s for s in seg_range if any(i // ipc == p for i in segments[s].images)]
-            res.class_loss[c] = _mean_losses(last, mine) if last is not None else {}
-        results.append(res)
-    return results
+    return _unit_results(units, lay, x.detach().cpu(), last, cfg.ipc)
 
 
 def _mean_losses(losses: SegmentLosses, idx: list[int]) -> dict[str, float]:

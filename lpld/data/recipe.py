@@ -1,4 +1,8 @@
-"""Per-dataset stage defaults: ``dataset.recipe.<section>`` with ``dataset.recipe.ipc_table`` overrides."""
+"""Per-dataset stage defaults: ``dataset.recipe.<section>`` with ``dataset.recipe.ipc_table`` overrides.
+
+This is the table lookup only; the precedence (command line > ipc_table > recipe > schema default) and every
+resolved stage setting live in :mod:`lpld.config`.
+"""
 
 from __future__ import annotations
 
@@ -39,39 +43,3 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def stats_mode(cfg: Any) -> str:
-    """The class-wise statistics mode a run writes (stage=stats) or reads (recover): one resolver for both.
-
-    ``stage.mode`` of stage=stats, else ``recover.stats_mode``, else the dataset's ``recipe.stats.mode``
-    (in1k / tiny / in21k: ``official``, the ClassAwareBatchNorm2d EMA their published runs used; the
-    small datasets, which have no official run: ``exact``), else ``exact``.
-    """
-    if str(cfg_get(cfg, "stage.name", "")) == "stats" and cfg_get(cfg, "stage.mode") is not None:
-        return str(cfg_get(cfg, "stage.mode"))
-    if cfg_get(cfg, "recover.stats_mode") is not None:
-        return str(cfg_get(cfg, "recover.stats_mode"))
-    return str(recipe(cfg_get(cfg, "dataset", {}) or {}, "stats").get("mode") or "exact")
-
-
-def stats_settings(cfg: Any) -> dict[str, Any]:
-    """Resolved knobs of stage=stats: mode, momentum, batch_size and whether images are augmented.
-
-    ``stage.augment: null`` follows the mode: ``official`` sees RandomResizedCrop + flip images (as the
-    official forward pass), ``exact`` / ``ema`` the eval transform.
-    """
-    from lpld.core.bnstats import STATS_MODES
-
-    mode = stats_mode(cfg)
-    if mode not in STATS_MODES:
-        raise DatasetError(
-            f"unknown stats mode {mode!r}; set stage.mode (or dataset.recipe.stats.mode) to one of {STATS_MODES}"
-        )
-    aug = cfg_get(cfg, "stage.augment")
-    return {
-        "mode": mode,
-        "momentum": float(cfg_get(cfg, "stage.momentum", 0.1)),
-        "batch_size": int(cfg_get(cfg, "stage.batch_size", 256)),
-        "augment": (mode == "official") if aug is None else bool(aug),
-    }

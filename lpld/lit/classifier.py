@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lpld.core.io import atomic_torch_save, fingerprint_state_dict
+from lpld.lit.optim import LRSchedule, build_optimizer, step_scheduler
 
 
 class ClassifierModule(L.LightningModule):
@@ -73,35 +73,22 @@ class ClassifierModule(L.LightningModule):
         self.val_acc1.reset()
         self.val_acc5.reset()
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams.optim
-        name = str(o["name"]).lower()
-        lr, wd = float(o["lr"]), float(o.get("weight_decay", 0.0))
-        if name == "sgd":
-            opt = torch.optim.SGD(
-                self.parameters(),
-                lr=lr,
-                momentum=float(o.get("momentum", 0.9)),
-                weight_decay=wd,
-                nesterov=bool(o.get("nesterov", False)),
-            )
-        elif name == "adamw":
-            opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=wd)
-        elif name == "adam":
-            opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=wd)
-        else:
-            raise ValueError(f"unknown optimizer '{name}'; choose sgd | adamw | adam")
+        opt = build_optimizer(
+            o["name"],
+            self.parameters(),
+            lr=float(o["lr"]),
+            weight_decay=float(o.get("weight_decay", 0.0)),
+            momentum=float(o.get("momentum", 0.9)),
+            nesterov=bool(o.get("nesterov", False)),
+            key="stage.optimizer",
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = int(round(float(o.get("warmup_epochs", 0)) * total / max(1, int(o["epochs"]))))
-
-        def lr_at(step: int) -> float:  # linear warm-up then cosine to 0, per optimizer step
-            if step < warm:
-                return (step + 1) / warm
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # the teacher's warm-up: step s at lr (s + 1) / W, then cosine to 0 (lpld.lit.optim)
+        schedule = LRSchedule(total_steps=total, warmup_steps=warm, warmup="counted", decay="cosine")
+        return {"optimizer": opt, "lr_scheduler": step_scheduler(opt, schedule)}
 
     def on_fit_end(self) -> None:
         out = self.hparams.out_path

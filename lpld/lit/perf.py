@@ -16,7 +16,7 @@ The ``trainer.perf`` block of a preset (``conf/trainer/*.yaml``) holds:
 
 ``trainer.stage_precision`` maps a stage name to its Lightning precision, overriding
 ``trainer.precision`` for that stage (the GPU presets keep stats at ``32-true``). Stages with their
-own precision knob (``recover.precision``, ``stage.precision`` of relabel) pass it explicitly.
+own precision knob (``recover.precision``, ``relabel.precision``) pass it explicitly.
 
 Nothing here acts on a CPU run: backend flags and model preparation apply only when the trainer's
 device is CUDA, so CPU results stay bit-identical whatever the preset says.

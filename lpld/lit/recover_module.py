@@ -17,30 +17,31 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lpld.core.images import save_png, to_uint8
+from lpld.core.recover_job import RecoverJob, class_done, finalize_manifest, write_class_record
 from lpld.core.recover_loss import LossWeights, SegmentLosses
+from lpld.core.recover_methods import get_recover_method
 from lpld.core.synthesis import SynthesisConfig, Unit, plan_units, synthesize
+from lpld.lit.display import log_images_uint8, progress_enabled
 from lpld.lit.sharding import ShardSampler
 
 
 class RecoverModule(L.LightningModule):
-    """Synthesises the distilled images of a :class:`lpld.stages.recover.RecoverJob`.
+    """Synthesises the distilled images of a :class:`lpld.core.recover_job.RecoverJob`.
 
     Args:
-        cfg: the resolved run config as a plain dict (the teacher is rebuilt from it).
+        teacher: the teacher network the job was planned with.
         job: ``dataclasses.asdict`` of the RecoverJob (plain values only).
+        dataset: the dataset config (plain dict); rded / random_real read real train images from it.
+        num_workers: DataLoader workers for decoding real images.
     """
 
-    def __init__(self, cfg: dict[str, Any], job: dict[str, Any]):
+    def __init__(self, teacher: torch.nn.Module, job: dict[str, Any], dataset: dict[str, Any], num_workers: int = 0):
         super().__init__()
-        self.save_hyperparameters()
-        from lpld.stages.common import load_teacher
-        from lpld.stages.recover import RecoverJob
-
-        self.cfg = OmegaConf.create(cfg)
+        self.save_hyperparameters(ignore=["teacher"])
         self.job = RecoverJob(**job)
-        self.teacher, fp = load_teacher(self.cfg)
-        if fp != self.job.teacher_fingerprint:
-            raise RuntimeError("the teacher changed between planning and running recover; rerun the command")
+        self.dataset_cfg = OmegaConf.create(dataset)  # the dataset builders read a config node
+        self.num_workers = int(num_workers)
+        self.teacher = teacher
         self.class_mean: list[torch.Tensor] | None = None
         self.class_var: list[torch.Tensor] | None = None
         if self.job.stats_path:
@@ -63,7 +64,7 @@ class RecoverModule(L.LightningModule):
             from lpld.data import build_dataset
             from lpld.data.transforms import eval_transform
 
-            ds_cfg = self.cfg.dataset
+            ds_cfg = self.dataset_cfg
             self._real = build_dataset(ds_cfg, "train", transform=eval_transform(ds_cfg))
             if ds_cfg.get("jpeg_draft") and hasattr(self._real, "draft"):
                 # the eval transform resizes then crops: a reduced-scale JPEG decode that stays >= the resize
@@ -81,7 +82,7 @@ class RecoverModule(L.LightningModule):
         decodes hundreds of candidate images per class) while at most one chunk is held in memory. Order
         and values are those of ``ds[i]`` in sequence.
         """
-        nw = int(self.cfg.trainer.get("num_workers", 0) or 0)
+        nw = self.num_workers
         k = 0
         while k < len(groups):
             chunk = [groups[k]]
@@ -110,8 +111,6 @@ class RecoverModule(L.LightningModule):
     # ------------------------------------------------------------------ progress
     def on_predict_start(self) -> None:
         self.teacher.eval()
-        from lpld.stages.common import progress_enabled
-
         if self.global_rank == 0 and progress_enabled():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -136,8 +135,6 @@ class RecoverModule(L.LightningModule):
 
     # ------------------------------------------------------------------ work
     def predict_step(self, batch_index: int, batch_idx: int = 0) -> None:
-        from lpld.stages.recover import class_done
-
         job = self.job
         units = job.batches[int(batch_index)]
         classes = [c for u in units for c in u]
@@ -145,6 +142,7 @@ class RecoverModule(L.LightningModule):
             self._advance(len(classes))
             return None
         t0 = time.perf_counter()
+        # one generator per recover-method kind (lpld.core.recover_methods)
         if job.kind == "optimize":
             results = self._optimize(units)
         elif job.kind == "rded":
@@ -159,8 +157,6 @@ class RecoverModule(L.LightningModule):
                 save_png(d / f"{j:05d}.png", u8[j])
             images_u8.append(u8)
         # records last: a class counts as done only once all its PNGs are on disk
-        from lpld.stages.recover import write_class_record
-
         for c, _, losses in results:
             write_class_record(job, c, losses)
         tot = [r[2].get("total") for r in results if r[2].get("total") is not None]
@@ -171,8 +167,6 @@ class RecoverModule(L.LightningModule):
                 m["recover/final_loss"] = sum(tot) / len(tot)
             self.logger.log_metrics(m, step=self._log_step)
             if job.log_images and self.global_rank == 0:
-                from lpld.stages.common import log_images_uint8
-
                 log_images_uint8(
                     self.logger,
                     f"recover/batch_{int(batch_index):05d}",
@@ -212,14 +206,12 @@ class RecoverModule(L.LightningModule):
         )
 
     def _optimize(self, units: list[list[int]]) -> list[tuple[int, torch.Tensor, dict[str, float]]]:
-        from lpld.stages.recover import METHODS
-
         job = self.job
-        meth = METHODS[job.method]
+        meth = get_recover_method(job.method)
         scfg = self._synthesis_config()
         plan: list[Unit] = []
         for u in units:
-            plan += plan_units(u, job.ipc, meth["batching"], meth["classwise"], job.settings.get("group_classes", 1))
+            plan += plan_units(u, job.ipc, meth.batching, meth.classwise, job.settings.get("group_classes", 1))
         every = max(1, job.progress_every)
 
         def on_step(t: int, losses: SegmentLosses) -> None:
@@ -288,7 +280,5 @@ class RecoverModule(L.LightningModule):
             self._progress = None
         self.trainer.strategy.barrier("recover_done")
         if self.global_rank == 0:
-            from lpld.stages.recover import finalize_manifest
-
             finalize_manifest(self.job)
         self.trainer.strategy.barrier("recover_manifest")

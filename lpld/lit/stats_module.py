@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -15,75 +16,93 @@ from lpld.core.io import atomic_torch_save
 from lpld.lit.sharding import ShardSampler
 
 
+@dataclass(frozen=True)
+class StatsJob:
+    """The resolved settings of one stats pass (plain values, so the module pickles into DDP ranks).
+
+    Attributes:
+        dataset: the dataset config (plain dict) the train set is built from.
+        model_name: the teacher's model name (stored in the artifact).
+        mode: ``exact`` | ``official`` | ``ema`` (``lpld.core.bnstats``); ``momentum`` the EMA momentum.
+        batch_size: images per batch (per rank).
+        augment: the images are augmented (``official``: RandomResizedCrop + flip; else the train transform).
+        seed: the teacher seed: orders the EMA modes' pass and keys each image's augmentation (one pass per teacher,
+            shared by every run seed, as the official per-teacher statistics file).
+        max_images: use only the first ``max_images`` train images (None: all).
+        num_workers: DataLoader workers.
+        out_path: where rank 0 writes the artifact.
+    """
+
+    dataset: dict[str, Any]
+    model_name: str
+    mode: str
+    momentum: float
+    batch_size: int
+    augment: bool
+    seed: int
+    max_images: int | None
+    num_workers: int
+    out_path: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.dataset["num_classes"])
+
+
 class StatsModule(L.LightningModule):
     """Runs ``ClasswiseBNStats`` under a Trainer (``trainer.test``).
 
     Args:
-        cfg: the resolved run config as a plain dict (names and scalars only, so the module
-            can be rebuilt in spawned DDP ranks).
-        out_path: where rank 0 writes the artifact.
+        teacher: the teacher network (eval mode is set at test start).
+        teacher_fp: its fingerprint, stored in the artifact.
+        job: what to compute and where to write it.
     """
 
-    def __init__(self, cfg: dict[str, Any], out_path: str):
+    def __init__(self, teacher: torch.nn.Module, teacher_fp: str, job: StatsJob):
         super().__init__()
-        self.save_hyperparameters()
-        from lpld.data.recipe import stats_settings
-        from lpld.stages.common import load_teacher
-
-        self.cfg = OmegaConf.create(cfg)
-        self.teacher, self.teacher_fp = load_teacher(self.cfg)
-        self.settings = stats_settings(self.cfg)
-        st = self.settings
-        self.acc = ClasswiseBNStats(
-            self.teacher, int(self.cfg.dataset.num_classes), mode=st["mode"], momentum=st["momentum"]
-        )
-        self.out_path = out_path
+        self.save_hyperparameters(ignore=["teacher"])
+        self.teacher, self.teacher_fp, self.job = teacher, teacher_fp, job
+        self.acc = ClasswiseBNStats(self.teacher, job.num_classes, mode=job.mode, momentum=job.momentum)
+        self.out_path = job.out_path
         self.result: dict[str, Any] | None = None
 
     # -- data: each rank gets a disjoint stride of the train set, never padded ----------------
     def test_dataloader(self) -> DataLoader:
         from lpld.data import build_dataset
+        from lpld.data.epoch_seeded import EpochSeededDataset
         from lpld.data.transforms import eval_transform, rrc_flip_transform, train_transform
 
-        ds_cfg = self.cfg.dataset
-        st = self.settings
-        if not st["augment"]:
+        job = self.job
+        ds_cfg = OmegaConf.create(job.dataset)  # the dataset builders read a config node
+        if not job.augment:
             tf = eval_transform(ds_cfg)
         else:  # official: the official pass's RandomResizedCrop + flip; else the teacher's own augmentation
-            tf = rrc_flip_transform(ds_cfg) if st["mode"] == "official" else train_transform(ds_cfg)
+            tf = rrc_flip_transform(ds_cfg) if job.mode == "official" else train_transform(ds_cfg)
         ds = build_dataset(ds_cfg, "train", transform=tf)
         self.class_names = list(ds.classes)
+        if job.augment:
+            # each image's crop and flip drawn from (seed, index): the same whatever the workers, ranks or the
+            # global RNG state left by earlier draws (the loader's worker seeds would otherwise decide them)
+            ds = EpochSeededDataset(ds, job.seed)
         n = len(ds)
-        limit = self.cfg.stage.get("max_images")
-        if limit:
-            n = min(n, int(limit))
-        seed = int(self.cfg.seed) if st["mode"] in EMA_MODES else None  # an EMA depends on the order
+        if job.max_images:
+            n = min(n, int(job.max_images))
+        seed = job.seed if job.mode in EMA_MODES else None  # an EMA depends on the order
         sampler = ShardSampler(n, self.global_rank, self.trainer.world_size, seed=seed)
-        nw = int(self.cfg.trainer.get("num_workers", 0))
         return DataLoader(
             ds,
-            batch_size=st["batch_size"],
+            batch_size=job.batch_size,
             sampler=sampler,
-            num_workers=nw,
+            num_workers=job.num_workers,
             persistent_workers=False,
             pin_memory=self.device.type == "cuda",
         )
 
     def on_test_start(self) -> None:
-        # The accumulators go to the teacher's device, as private copies: ddp_spawn pickles the
-        # module through torch.multiprocessing, which puts CPU tensors in shared memory, so
-        # without the clone every rank would add into the same buffers.
-        dev = self.device
-        a = self.acc
-        a.count = a.count.to(dev).clone()
-        a.s1 = [t.to(dev).clone() for t in a.s1]
-        a.s2 = [t.to(dev).clone() for t in a.s2]
-        a.shift = [t.to(dev).clone() for t in a.shift]
-        if a.mode in EMA_MODES:
-            a.run_mean = [t.to(dev).clone() for t in a.run_mean]
-            a.run_var = [t.to(dev).clone() for t in a.run_var]
-            if self.trainer.world_size > 1:
-                a.batch_reduce = self._all_reduce
+        # the accumulators go to the teacher's device as private copies (see ClasswiseBNStats.to_private)
+        self.acc.to_private(self.device)
+        if self.acc.mode in EMA_MODES and self.trainer.world_size > 1:
+            self.acc.batch_reduce = self._all_reduce  # the EMA sees the global batch, as SyncBatchNorm would
         self.teacher.eval()
 
     @staticmethod
@@ -103,10 +122,10 @@ class StatsModule(L.LightningModule):
         out = self.acc.finalize()
         out.update(
             teacher_fingerprint=self.teacher_fp,
-            num_classes=int(self.cfg.dataset.num_classes),
+            num_classes=self.job.num_classes,
             class_names=self.class_names,
-            dataset=str(self.cfg.dataset.name),
-            model=str(self.cfg.model.name),
+            dataset=str(self.job.dataset["name"]),
+            model=self.job.model_name,
         )
         out["missing_names"] = [self.class_names[i] for i in out["missing"]]
         self.result = out

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Any
 
 import lightning as L
@@ -32,6 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lpld.core import augment, kd_loss, quant
 from lpld.core.label_pool import epoch_plan
 from lpld.core.temperature import CA_MODES, SCHEDULES, ca_grid, ca_losses, dkr_temperature
+from lpld.lit.optim import DECAYS, LRSchedule, build_optimizer, step_scheduler
 
 
 class StudentData(L.LightningDataModule):
@@ -217,14 +217,12 @@ class StudentModule(L.LightningModule):
         self.save_hyperparameters()
         from lpld.models import build_model
 
-        if loss["name"] not in kd_loss.LOSSES:
-            raise ValueError(f"unknown student loss '{loss['name']}'; valid: {', '.join(kd_loss.LOSSES)}")
+        kd_loss.get_student_loss(loss["name"])  # an unknown name fails here, naming the valid losses
         if temp["schedule"] not in SCHEDULES:
             raise ValueError(f"unknown temperature schedule '{temp['schedule']}'; valid: {', '.join(SCHEDULES)}")
         if ca["mode"] not in CA_MODES:
             raise ValueError(f"unknown calibrated-alignment mode '{ca['mode']}'; valid: {', '.join(CA_MODES)}")
-        if quant_mode not in quant.QUANT_MODES:
-            raise ValueError(f"unknown quant mode '{quant_mode}'")
+        quant.get_label_codec(quant_mode)  # an unknown format fails here, naming the valid ones
         self.model = build_model(model_cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
         self.ema = None
         if ema_decay > 0:
@@ -333,7 +331,8 @@ class StudentModule(L.LightningModule):
         """
         eps = float(self.hparams.label_smoothing)
         mode = self.hparams.quant_mode
-        in_logits = eps > 0 and self.hparams.loss.get("smoothing_space", "probs") == "logits" and mode in ("none", "mr")
+        logit_space = self.hparams.loss.get("smoothing_space", "probs") == "logits"
+        in_logits = eps > 0 and logit_space and quant.get_label_codec(mode).keeps_logits
         t = kd_loss.smoothing_temperature(teacher_t, eps) if in_logits else teacher_t
         probs = quant.decode(
             stored, mode, t, int(self.hparams.num_classes), gen_temperature=self.hparams.quant_gen_temperature
@@ -342,29 +341,25 @@ class StudentModule(L.LightningModule):
 
     def compute_loss(self, logits: torch.Tensor, stored: Any, sl: slice, teacher_t: float) -> tuple[torch.Tensor, Any]:
         """Loss of one slice of a stored batch; also returns the slice's target (for CA) or None."""
-        name = self.hparams.loss["name"]
-        ls = float(self.hparams.label_smoothing)
         index = stored.index.to(self.image_labels.device)
         labels = self.image_labels[index]
         lam = cutmix_share(stored.aug, int(self.hparams.img_size))
         partner = labels[stored.aug.mix_index.to(labels.device)] if lam is not None else None
-        if name == "ce":
-            if self.hparams.quant_mode == "hard":  # the teacher's label of the augmented (mixed) image
-                return kd_loss.hard_ce(logits, stored.hard[sl].long(), label_smoothing=ls), None
-            p2 = partner[sl] if partner is not None else None
-            return kd_loss.hard_ce(logits, labels[sl], p2, lam, ls), None
-        if name == "mse_gt" and self.hparams.loss.get("mse_target", "probs") == "logits":
-            # G-VBSM: MSE on the raw stored logits + gamma x CE on each image's own class
-            gamma = float(self.hparams.loss.get("gamma", 0.1))
-            return kd_loss.mse_logits_gt(logits, stored.logits[sl], labels[sl], gamma), None
-        target = self.targets(stored, teacher_t)[sl]
-        ts = self.student_temp(teacher_t)
-        if name == "kl":
-            t2 = teacher_t if self.hparams.loss.get("t2") else None
-            return kd_loss.kd_kl(logits, target, ts, t2_scale=t2), target
-        gamma = float(self.hparams.loss.get("gamma", 0.1))
-        p2 = partner[sl] if partner is not None else None
-        return kd_loss.mse_gt(logits, target, labels[sl], ts, gamma, ls, p2, lam), target
+        inputs = kd_loss.LossInputs(
+            logits=logits,
+            labels=labels[sl],
+            partner=partner[sl] if partner is not None else None,
+            lam=lam,
+            stored=stored,
+            rows=sl,
+            quant_mode=self.hparams.quant_mode,
+            target=lambda: self.targets(stored, teacher_t)[sl],
+            teacher_t=teacher_t,
+            student_t=self.student_temp(teacher_t),
+            label_smoothing=float(self.hparams.label_smoothing),
+            options=dict(self.hparams.loss),
+        )
+        return kd_loss.get_student_loss(self.hparams.loss["name"])(inputs)
 
     # ----- training -------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -451,43 +446,34 @@ class StudentModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.hparams.optim
-        name = str(o["name"]).lower()
-        lr, wd = float(o["lr"]), float(o.get("weight_decay") or 0.0)
+        wd = float(o.get("weight_decay") or 0.0)
         params: Any = list(self.model.parameters())
         if bool(o.get("wd_exclude_bn_bias", True)):
             params = decay_groups(self.model, wd)
-        # the fused kernels do one pass per step instead of a Python loop over tensors (CPU and CUDA)
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
-        if name == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, **fused)
-        elif name == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=float(o.get("momentum") or 0.9), weight_decay=wd, **fused)
-        elif name == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd, **fused)
-        else:
-            raise ValueError(f"unknown optimizer '{name}'; choose student.optimizer=adamw | sgd | adam")
+        opt = build_optimizer(
+            o["name"],
+            params,
+            lr=float(o["lr"]),
+            weight_decay=wd,
+            momentum=float(o.get("momentum") or 0.9),
+            fused=self.device.type in ("cpu", "cuda"),
+            key="student.optimizer",
+        )
         spe = max(1, int(self.hparams.steps_per_epoch))
-        total = spe * int(self.hparams.epochs)
-        warm = int(round(float(o.get("warmup_epochs") or 0) * spe))
-        start = float(o.get("warmup_start", 0.01))
         kind = str(o.get("scheduler", "cosine"))
-        if kind not in ("cosine", "smooth_cosine", "constant"):
+        if kind not in DECAYS:
             raise ValueError(
                 f"unknown lr scheduler '{kind}'; choose student.scheduler=cosine | smooth_cosine | constant"
             )
-        # smooth_cosine: RDED's / LPLD's `--smoothing_lr` (strength 2): the first half-period only, ending at lr/2
-        period = 2.0 if kind == "smooth_cosine" else 1.0
-
-        def factor(step: int) -> float:  # linear warm-up (Table 15: from 0.01 x lr) then cosine to 0
-            if step < warm:
-                return start + (1.0 - start) * step / warm
-            if kind == "constant":
-                return 1.0
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t) / period))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # the student's warm-up (Table 15): linear from warmup_start x lr, then cosine to 0 (lpld.lit.optim)
+        schedule = LRSchedule(
+            total_steps=spe * int(self.hparams.epochs),
+            warmup_steps=int(round(float(o.get("warmup_epochs") or 0) * spe)),
+            warmup="from_fraction",
+            warmup_start=float(o.get("warmup_start", 0.01)),
+            decay=kind,
+        )
+        return {"optimizer": opt, "lr_scheduler": step_scheduler(opt, schedule)}
 
     # ----- evaluation -----------------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module:

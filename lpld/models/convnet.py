@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lpld.errors import ConfigError
 from lpld.models.registry import register_model
-from lpld.stages import ConfigError
 
 NORMS = ("batch", "instance", "none")
 

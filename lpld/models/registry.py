@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
+from lpld.errors import ConfigError
 from lpld.models.checkpoint import load_model_checkpoint
-from lpld.stages import ConfigError
 
 log = logging.getLogger("lpld")
 

@@ -24,9 +24,9 @@ import math
 import timm
 from torch import nn
 
+from lpld.errors import ConfigError
 from lpld.models.pretrained import PretrainedWeightsError, timm_pretrained_overlay
 from lpld.models.registry import register_model
-from lpld.stages import ConfigError
 
 TIMM_NAME = "swinv2_tiny_window8_256"
 PATCH_SIZE = 4

@@ -28,9 +28,9 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from lpld.errors import ConfigError
 from lpld.models.pretrained import torchvision_state_dict
 from lpld.models.registry import register_model
-from lpld.stages import ConfigError
 
 IMAGENET_CLASSES = 1000
 

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from lpld.config.schema import check_known_keys
+from lpld.errors import ConfigError, user_error_types  # re-exported: ``from lpld.stages import ConfigError`` works
+
 log = logging.getLogger("lpld")
 
 # name -> one-line description (shown when an unknown stage is requested)
@@ -37,10 +40,6 @@ STAGES: dict[str, str] = {
     "analyze": "diversity metrics (cosine similarity, MMD), Eq. 8, image grids",
     "pipeline": "squeeze -> stats -> recover -> relabel -> student over a small grid, then report",
 }
-
-
-class ConfigError(ValueError):
-    """Invalid configuration value; the message names the valid choices."""
 
 
 # Whole-number keys: a float (ipc=2.5) or a non-number (ipc=abc) is refused naming the key, never truncated.
@@ -63,6 +62,8 @@ INT_KEYS = (
     "student.accumulate",
     "stage.epochs",
     "stage.batch_size",
+    "relabel.epochs",
+    "relabel.batch_size",
     "stage.chunk",
     "stage.val_every",
     "stage.ckpt_every",
@@ -139,14 +140,6 @@ def translate_error(e: BaseException, cfg: DictConfig | None = None) -> BaseExce
     return e
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (config, data, artifacts): printed as one message, no traceback."""
-    from lpld.core.io import ArtifactError
-    from lpld.data.errors import DatasetError
-
-    return (ConfigError, ArtifactError, DatasetError)
-
-
 def debug_requested() -> bool:
     return any(os.environ.get(k, "0") not in ("", "0") for k in DEBUG_ENV)
 
@@ -169,6 +162,27 @@ def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+def log_once() -> None:
+    """Print every log line once: Lightning's own loggers go through the root logger (Hydra's handlers) only.
+
+    Lightning adds a console handler to the ``lightning`` logger when it is imported; imported after Hydra set
+    up the root logger (as every stage does), each Lightning message is then printed twice, bare and through
+    Hydra. With a root handler in place, the package handlers are removed and the messages propagate to it; a
+    run without one (``hydra/job_logging=disabled``, the compose API) keeps Lightning's handlers.
+    """
+    if not logging.getLogger().hasHandlers():
+        return
+    import lightning  # noqa: F401 - its import adds the handlers removed here (later imports do not add more)
+    import lightning.fabric  # noqa: F401
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) from the config's top-level ``seed``."""
     random.seed(seed)
@@ -185,6 +199,7 @@ def run_stage(cfg: DictConfig) -> Any:
         valid = "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items())
         raise ConfigError(f"unknown stage '{name}'. Valid stages (stage=<name>):\n{valid}")
     check_config_types(cfg)
+    check_known_keys(cfg)
     seed_everything(int(cfg.seed))
     module = importlib.import_module(f"lpld.stages.{name}")
     return module.run(cfg)

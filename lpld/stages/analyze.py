@@ -1,6 +1,6 @@
 """stage=analyze: diversity of distilled datasets (LPLD Sec. 3.2) and the Eq. 8 update bound.
 
-For each distilled image folder (``stage.methods`` at ``paths.images_dir`` plus ``stage.image_dirs``) and a
+For each distilled image folder (``stage.methods`` at ``lpld.artifacts.images.path`` plus ``stage.image_dirs``) and a
 seeded per-class sample of the real train set, the teacher's penultimate features give
 
 * within-class feature cosine similarity (Eq. 4; Table 1: mean ± std over classes; lower = more diverse),
@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core.bn_updates import Eq8Bound, required_updates
 from lpld.core.diversity import median_bandwidth, mmd2, within_class_cosine
-from lpld.core.grids import class_rows_grid, per_class_grids, save_grid_png
 from lpld.core.images import class_dir_name, load_distilled
 from lpld.core.io import ArtifactError, atomic_write_bytes, atomic_write_json
-from lpld.stages import ConfigError
-from lpld.stages.common import build_logger, dataset_spec, finish_logger, log_images_uint8, to_container
+from lpld.errors import ConfigError
+from lpld.lit.display import log_images_uint8
+from lpld.report.grids import class_rows_grid, per_class_grids, save_grid_png
+from lpld.stages.common import build_logger, dataset_spec, finish_logger, to_container
 
 log = logging.getLogger("lpld")
 
@@ -39,16 +42,14 @@ def analysis_dir(cfg: DictConfig) -> Path:
     """``<artifacts>/<dataset>/<teacher>/analysis/ipc<ipc>_seed<seed>`` unless ``stage.out_dir`` is set."""
     if cfg.stage.get("out_dir"):
         return Path(str(cfg.stage.out_dir)).expanduser().resolve()
-    return paths.dataset_dir(cfg) / paths.teacher_key(cfg) / "analysis" / f"ipc{int(cfg.ipc)}_seed{int(cfg.seed)}"
+    return teacher_artifact.base_dir(cfg) / "analysis" / f"ipc{int(cfg.ipc)}_seed{int(cfg.seed)}"
 
 
 def method_dirs(cfg: DictConfig) -> dict[str, Path]:
     """{label: distilled image folder}: each ``stage.methods`` entry at its images_dir, then ``stage.image_dirs``."""
     out: dict[str, Path] = {}
     for m in cfg.stage.get("methods") or []:
-        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        OmegaConf.update(sub, "recover.name", str(m), force_add=True)
-        out[str(m)] = paths.images_dir(sub)
+        out[str(m)] = images_artifact.path(images_artifact.with_method(cfg, str(m)))
     for label, d in (cfg.stage.get("image_dirs") or {}).items():
         out[str(label)] = Path(str(d)).expanduser().resolve()
     return out
@@ -130,14 +131,26 @@ def _markdown(results: dict[str, Any], eq8: Eq8Bound, ipc: int) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    st = cfg.stage
-    mode = str(st.get("mode", "full"))
-    if mode not in ("full", "eq8"):
-        raise ConfigError(f"stage.mode must be 'full' or 'eq8', got '{mode}'")
-    out = analysis_dir(cfg)
-    spec = dataset_spec(cfg)
+@dataclass
+class _Reference:
+    """The real-image side of the comparison: teacher features, their diversity and the MMD settings."""
 
+    feats: torch.Tensor  # (N, D) teacher features of the sampled real images
+    num_images: int
+    per_class: int | None
+    cosine: Any  # within_class_cosine of the real features
+    grid: torch.Tensor  # uint8 grid of the first real images of the shown classes
+    show: list[int]  # classes shown in the grids
+    grid_per_class: int
+    gen: torch.Generator  # drives the MMD subsampling, shared by the bandwidth and every method in turn
+    sigma: float
+    estimator: str
+
+
+def _eq8(cfg: DictConfig, out: Path) -> tuple[Eq8Bound, Any]:
+    """Eq. 8 from the class counts (``stage.class_counts`` or the train set), written to ``eq8_B<B>.json``;
+    returns the bound and the train set when it had to be built."""
+    st, spec = cfg.stage, dataset_spec(cfg)
     train = None
     if st.get("class_counts") is not None:
         counts = [int(c) for c in st.class_counts]
@@ -150,25 +163,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(eq8.summary())
     eq8_file = out / f"eq8_B{eq8.batch_size}.json"
     atomic_write_json(eq8_file, {"dataset": spec.name, "class_counts": counts, **eq8.as_dict()})
-    if mode == "eq8":
-        log.info("analyze: wrote %s", eq8_file)
-        return {"out_dir": str(out), "eq8": eq8.as_dict()}
+    log.info("analyze: wrote %s", eq8_file)
+    return eq8, train
 
-    from lpld.stages.common import load_teacher
 
-    dirs = method_dirs(cfg)
-    if not dirs:
-        raise ConfigError("nothing to analyse: set stage.methods=[lpld,...] or stage.image_dirs={label: /path}")
-    teacher, teacher_fp = load_teacher(cfg)
-    device = _device(cfg)
-    teacher.to(device)
-    bs = int(st.get("feature_batch_size", 256))
-    seed = int(cfg.seed)
-
-    if train is None:
-        from lpld.data import build_dataset
-
-        train = build_dataset(cfg.dataset, "train")
+def _reference(cfg: DictConfig, train: Any, teacher: torch.nn.Module, bs: int, device: torch.device) -> _Reference:
+    """Sample the real images, compute their features, diversity and grid, and the MMD bandwidth."""
+    st, spec, seed = cfg.stage, dataset_spec(cfg), int(cfg.seed)
     per = st.get("real_per_class")
     idx = sample_per_class(list(train.targets), None if per is None else int(per), seed)
     real_y = torch.as_tensor([int(train.targets[i]) for i in idx], dtype=torch.long)
@@ -182,20 +183,97 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         float(sigma) if sigma is not None else median_bandwidth(real_f, None, int(st.get("mmd_max_points", 2048)), gen)
     )
     estimator = str(st.get("mmd_estimator", "unbiased"))
+    per_class = None if per is None else int(per)
+    return _Reference(real_f, len(idx), per_class, real_cos, real_grid, show, gpc, gen, sigma, estimator)
 
+
+def _analyze_method(
+    cfg: DictConfig,
+    label: str,
+    d: Path,
+    ref: _Reference,
+    teacher: torch.nn.Module,
+    teacher_fp: str,
+    bs: int,
+    device: torch.device,
+    grids_dir: Path,
+    class_names: list[str],
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Diversity (Fig. 3) and MMD of one method's distilled images against the real sample; writes its grids.
+
+    Returns:
+        (its entry of ``analysis.json``'s "methods", its class-rows grid).
+    """
+    st = cfg.stage
+    images, labels, manifest = load_distilled(
+        d, expect_teacher_fingerprint=teacher_fp, allow_other_teacher=bool(st.get("allow_other_teacher", False))
+    )
+    feats = features_of(teacher, _normalize_uint8(images, cfg), bs, device)
+    cos = within_class_cosine(feats, labels)
+    m = mmd2(ref.feats, feats, sigma=ref.sigma, estimator=ref.estimator, generator=ref.gen)
+    entry = {
+        "dir": str(d),
+        "method": manifest.get("method"),
+        "num_images": int(images.shape[0]),
+        "images_fingerprint": manifest.get("images_fingerprint"),
+        "cosine_mean": cos.mean,
+        "cosine_std": cos.std,
+        "cosine_per_class": {str(k): v for k, v in cos.per_class.items()},
+        "mmd2": m.mmd2,
+    }
+    grid = class_rows_grid(images, labels, ref.show, ref.grid_per_class)
+    save_grid_png(grid, grids_dir / f"{label}.png")
+    if bool(st.get("per_class_grids", True)):
+        for c, g in per_class_grids(images, labels).items():
+            name = class_names[c] if c < len(class_names) else str(c)
+            save_grid_png(g, grids_dir / label / f"{class_dir_name(c, name)}.png")
+    log.info("analyze: %s cos %.4f ± %.4f, MMD^2 %.5f", label, cos.mean, cos.std, m.mmd2)
+    return entry, grid
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Eq. 8 (``stage.mode=eq8``), or Eq. 8 plus diversity / MMD / grids of each method's images (``full``)."""
+    st = cfg.stage
+    mode = str(st.get("mode", "full"))
+    if mode not in ("full", "eq8"):
+        raise ConfigError(f"stage.mode must be 'full' or 'eq8', got '{mode}'")
+    out = analysis_dir(cfg)
+    spec = dataset_spec(cfg)
+    eq8, train = _eq8(cfg, out)
+    if mode == "eq8":
+        return {"out_dir": str(out), "eq8": eq8.as_dict()}
+
+    from lpld.stages.common import load_teacher
+
+    dirs = method_dirs(cfg)
+    if not dirs:
+        raise ConfigError("nothing to analyse: set stage.methods=[lpld,...] or stage.image_dirs={label: /path}")
+    teacher, teacher_fp = load_teacher(cfg)
+    device = _device(cfg)
+    teacher.to(device)
+    bs = int(st.get("feature_batch_size", 256))
+    if train is None:
+        from lpld.data import build_dataset
+
+        train = build_dataset(cfg.dataset, "train")
+    ref = _reference(cfg, train, teacher, bs, device)
     results: dict[str, Any] = {
         "dataset": spec.name,
-        "teacher": paths.teacher_key(cfg),
+        "teacher": teacher_artifact.teacher_name(cfg),
         "teacher_fingerprint": teacher_fp,
         "ipc": int(cfg.ipc),
-        "seed": seed,
+        "seed": int(cfg.seed),
         "real": {
-            "num_images": len(idx),
-            "per_class": None if per is None else int(per),
-            "cosine_mean": real_cos.mean,
-            "cosine_std": real_cos.std,
+            "num_images": ref.num_images,
+            "per_class": ref.per_class,
+            "cosine_mean": ref.cosine.mean,
+            "cosine_std": ref.cosine.std,
         },
-        "mmd": {"estimator": estimator, "sigma": sigma, "bandwidth": "fixed" if st.get("mmd_bandwidth") else "median"},
+        "mmd": {
+            "estimator": ref.estimator,
+            "sigma": ref.sigma,
+            "bandwidth": "fixed" if st.get("mmd_bandwidth") else "median",
+        },
         "methods": {},
         "eq8": eq8.as_dict(),
         "config": to_container(st),
@@ -210,35 +288,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 raise ArtifactError(msg)
             log.warning("analyze: skipping %s (%s)", label, msg)
             continue
-        images, labels, manifest = load_distilled(
-            d, expect_teacher_fingerprint=teacher_fp, allow_other_teacher=bool(st.get("allow_other_teacher", False))
+        entry, grid_images[label] = _analyze_method(
+            cfg, label, d, ref, teacher, teacher_fp, bs, device, grids_dir, class_names
         )
-        feats = features_of(teacher, _normalize_uint8(images, cfg), bs, device)
-        cos = within_class_cosine(feats, labels)
-        m = mmd2(real_f, feats, sigma=sigma, estimator=estimator, generator=gen)
-        results["methods"][label] = {
-            "dir": str(d),
-            "method": manifest.get("method"),
-            "num_images": int(images.shape[0]),
-            "images_fingerprint": manifest.get("images_fingerprint"),
-            "cosine_mean": cos.mean,
-            "cosine_std": cos.std,
-            "cosine_per_class": {str(k): v for k, v in cos.per_class.items()},
-            "mmd2": m.mmd2,
-        }
-        grid = class_rows_grid(images, labels, show, gpc)
-        grid_images[label] = grid
-        save_grid_png(grid, grids_dir / f"{label}.png")
-        if bool(st.get("per_class_grids", True)):
-            for c, g in per_class_grids(images, labels).items():
-                name = class_names[c] if c < len(class_names) else str(c)
-                save_grid_png(g, grids_dir / label / f"{class_dir_name(c, name)}.png")
-        log.info("analyze: %s cos %.4f ± %.4f, MMD^2 %.5f", label, cos.mean, cos.std, m.mmd2)
+        results["methods"][label] = entry
     if not results["methods"]:
         raise ArtifactError(
             "none of the requested distilled image folders exist: " + ", ".join(f"{k}: {v}" for k, v in dirs.items())
         )
-    grid_images["real"] = real_grid
+    grid_images["real"] = ref.grid
     save_grid_png(grid_images["real"], grids_dir / "real.png")
 
     md = _markdown(results, eq8, int(cfg.ipc))

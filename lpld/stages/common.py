@@ -7,7 +7,6 @@ Lightning objects and checks artifacts.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lpld import paths
-from lpld.core.io import ArtifactError, fingerprint_state_dict
+from lpld.artifacts import teacher as teacher_artifact
+from lpld.lit.display import log_images_uint8, progress_enabled  # noqa: F401 - moved to lit; re-exported
 
 log = logging.getLogger("lpld")
 
@@ -60,59 +59,61 @@ def build_teacher_model(cfg: DictConfig) -> torch.nn.Module:
     return build_model(cfg.model, num_classes=spec.num_classes, in_chans=spec.channels, img_size=spec.image_size)
 
 
-def read_teacher_file(path: Path) -> dict[str, Any]:
-    """Read squeeze's teacher.pt ({state_dict, fingerprint, model, dataset, ...})."""
-    fix = (
-        "retrain it: rerun stage=squeeze with stage.overwrite=true and the same dataset/model overrides "
-        "(`python run.py stage=squeeze stage.overwrite=true ...`; the old teacher folder is kept as teacher.replaced "
-        "until the new teacher is written)"
-    )
-    try:
-        # weights_only: tensors and plain containers only, so a tampered file cannot run code when it is read
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, refused global: all unusable
-        raise ArtifactError(f"teacher weights {path} are corrupt or not a plain weights file ({e}); {fix}") from e
-    if not isinstance(blob, dict) or "state_dict" not in blob:
-        raise ArtifactError(f"{path} is not a teacher file written by stage=squeeze; {fix}")
-    return blob
-
-
-def load_teacher(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
-    """The teacher in eval mode and its fingerprint (sha256 over its weights).
-
-    Source, in order: ``model.checkpoint`` (a local file), ``model.pretrained`` (published
-    weights), else the teacher trained by ``stage=squeeze`` at its deterministic path.
-    """
-    model_cfg = cfg.model
-    if model_cfg.get("checkpoint") or model_cfg.get("pretrained"):
-        model = build_teacher_model(cfg)  # the registry loads the checkpoint / published weights
-    else:
-        path = paths.teacher_weights_path(cfg)
-        if not path.exists():
-            raise ArtifactError(
-                f"no teacher at {path}. Train one with `python run.py stage=squeeze dataset={cfg.dataset.name} "
-                f"model={cfg.model.name}`, or set model.checkpoint=/path/to/weights.pt or model.pretrained=true"
-            )
-        blob = read_teacher_file(path)
-        model = build_teacher_model(cfg)
-        try:
-            model.load_state_dict(blob["state_dict"])
-        except RuntimeError as e:
-            raise ArtifactError(
-                f"teacher at {path} does not fit model={cfg.model.name} for dataset={cfg.dataset.name}: {e}"
-            ) from e
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, fingerprint_state_dict(model.state_dict())
+# the teacher artifact (path, reading, loading) lives in lpld.artifacts.teacher; old names kept
+read_teacher_file, load_teacher = teacher_artifact.read, teacher_artifact.load
 
 
 def run_name(cfg: DictConfig, stage: str) -> str:
-    return f"{stage}-{cfg.dataset.name}-{paths.teacher_key(cfg)}-ipc{cfg.ipc}-s{cfg.seed}"
+    return f"{stage}-{cfg.dataset.name}-{teacher_artifact.teacher_name(cfg)}-ipc{cfg.ipc}-s{cfg.seed}"
+
+
+def run_group(cfg: DictConfig) -> str | None:
+    """The W&B group of this run: ``logger.group`` (the pipeline sets its results name for every step), else
+    the Hydra multirun's name (``<config name>-<sweep dir name>``), else None (a lone run is not grouped)."""
+    group = cfg.logger.get("group") if cfg.get("logger") is not None else None
+    if group:
+        return str(group)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not launched through @hydra.main (compose API, tests)
+        return None
+    if hc.mode == RunMode.MULTIRUN:
+        return f"{hc.job.config_name}-{Path(str(hc.sweep.dir)).name}"
+    return None
+
+
+def logged_config(cfg: DictConfig) -> dict[str, Any]:
+    """What W&B records as the run's config: the resolved spec (``lpld.config.resolve``), i.e. the values the
+    stage uses after the precedence, plus the trainer / logger presets that are not knob groups."""
+    from lpld.config import resolve
+    from lpld.errors import ConfigError
+
+    try:
+        spec = resolve(cfg).to_dict()
+    except ConfigError as e:  # the stage itself refuses the config with the same message, naming the fix
+        log.debug("resolved spec unavailable for the logger (%s)", e)
+        spec = {}
+    return {**spec, "trainer": to_container(cfg.get("trainer")), "overrides": _task_overrides()}
+
+
+def _task_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
 
 
 def build_logger(cfg: DictConfig, stage: str, name: str | None = None):
-    """Lightning logger from ``cfg.logger`` (wandb | csv | none); ``None`` for none."""
+    """Lightning logger from ``cfg.logger`` (wandb | csv | none); ``None`` for none.
+
+    W&B: the runs of one pipeline or sweep share a ``group`` (:func:`run_group`), ``job_type`` is the stage,
+    and the run's config is the resolved spec (:func:`logged_config`).
+    """
     kind = str(cfg.logger.name)
     if kind == "none":
         return None
@@ -130,10 +131,11 @@ def build_logger(cfg: DictConfig, stage: str, name: str | None = None):
             project=str(cfg.logger.project),
             entity=cfg.logger.get("entity"),
             name=name,
-            group=stage,
+            group=run_group(cfg),
+            job_type=stage,
             save_dir=str(save_dir),
             mode=str(cfg.logger.mode),
-            config=to_container(cfg),
+            config=logged_config(cfg),
         )
     raise ValueError(f"unknown logger '{kind}'; choose logger=wandb|csv|none")
 
@@ -161,36 +163,11 @@ def log_metrics(logger: Any, metrics: dict[str, float], step: int | None = None)
         logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def log_images_uint8(
-    logger: Any, key: str, images: torch.Tensor, step: int | None = None, caption: str | None = None
-) -> None:
-    """Log a grid of images to W&B. ``images``: uint8 (B, C, H, W) (float images save black in wandb 0.31)."""
-    if logger is None or images.numel() == 0:
-        return
-    from lightning.pytorch.loggers import WandbLogger
-
-    if not isinstance(logger, WandbLogger):
-        return
-    import torchvision
-
-    assert images.dtype == torch.uint8, "log images as uint8"
-    grid = torchvision.utils.make_grid(images, nrow=min(10, len(images)), padding=1)  # uint8 (C, H, W)
-    arr = grid.permute(1, 2, 0).cpu().numpy()
-    if arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    kw = {"caption": [caption]} if caption else {}  # WandbLogger.log_image takes len(caption)
-    logger.log_image(key=key, images=[arr], step=step, **kw)
-
-
-def progress_enabled() -> bool:
-    return os.environ.get("LPLD_NO_RICH", "0") != "1"
-
-
 def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = None, **overrides: Any):
     """A lightning.Trainer from the ``trainer`` preset (cpu, gpu, ddp, ddp_spawn, ddp_cpu).
 
     Precision: ``precision=`` passed by the stage (its own knob: ``recover.precision``, relabel's
-    ``stage.precision``), else ``trainer.stage_precision[<stage name>]``, else ``trainer.precision``.
+    ``relabel.precision``), else ``trainer.stage_precision[<stage name>]``, else ``trainer.precision``.
     On a CUDA device the preset's ``trainer.perf`` options apply (``lpld.lit.perf``: cuDNN benchmark,
     TF32, channels_last, torch.compile); a CPU run is untouched by them.
     """
@@ -237,20 +214,3 @@ def _rich_ok() -> bool:
 
 def num_workers(cfg: DictConfig) -> int:
     return int(cfg.trainer.get("num_workers", 0))
-
-
-def recipe(cfg: DictConfig, section: str, key: str, default: Any = None, node: Any = None) -> Any:
-    """A stage knob: ``<node>.<key>`` if set (node defaults to ``cfg.stage``), else the dataset's
-    ``recipe.<section>.<key>`` (with its ``ipc_table`` override for ``cfg.ipc``), else ``default``.
-
-    Per-dataset settings from the paper's Appendix C live in the dataset file's ``recipe``
-    block; stage files leave them ``null`` so one command-line override still wins.
-    """
-    from lpld.data.recipe import recipe as dataset_recipe
-
-    node = cfg.get("stage") if node is None else node
-    v = node.get(key) if node is not None else None
-    if v is not None:
-        return v
-    v = dataset_recipe(cfg.dataset, section, ipc=int(cfg.ipc) if "ipc" in cfg else None).get(key)
-    return default if v is None else v

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lpld import paths
+from lpld.artifacts import results as results_artifact
+from lpld.errors import ConfigError
 from lpld.stages import run_stage
 
 log = logging.getLogger("lpld")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _task_overrides() -> list[str]:
@@ -35,14 +34,10 @@ def _task_overrides() -> list[str]:
 
 
 def compose_step(base_overrides: list[str], step: list[str]) -> DictConfig:
-    """Compose the full config for one step (initialising Hydra on the repo's conf/ if needed)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """Compose the full config for one step (through the active Hydra context, else one on the repo's config)."""
+    from lpld.config.compose import compose
 
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="config", overrides=base_overrides + step)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=base_overrides + step)
+    return compose(base_overrides + step)
 
 
 class Pipeline:
@@ -53,8 +48,17 @@ class Pipeline:
         st = cfg.stage
         self.base = list(base if base is not None else _task_overrides())
         self.steps = {k: list(v) for k, v in (st.get("steps") or {}).items()}
-        self.results_name = st.results_name or f"pipeline_{paths.teacher_key(cfg)}_ipc{int(cfg.ipc)}"
+        self.results_name = results_artifact.pipeline_name(cfg)
         self.timings: list[tuple[str, float]] = []
+        if cfg.get("logger") is not None and "group" in cfg.logger and not cfg.logger.group:
+            self.base.append(f"logger.group={self.results_name}")  # W&B: the steps' runs form one group
+        for name, over in self.steps.items():
+            bad = [o for o in over if o.lstrip("+~").startswith("relabel.")]
+            if bad:  # the student finds the store from the same knobs: they must reach every step
+                raise ConfigError(
+                    f"stage.steps.{name} sets {bad}: relabel knobs decide which label store the student reads, so "
+                    f"set them for the whole pipeline instead (e.g. `python run.py {' '.join(bad)}`)"
+                )
 
     def step(self, name: str, choices: list[str], label: str) -> Any:
         sub = compose_step(self.base, [f"stage={name}", *choices, *self.steps.get(name, [])])
@@ -84,23 +88,20 @@ class Pipeline:
             # A pruning metric selects from the store made at metric.source_prune (Table 5 protocol);
             # random pruning reads a store generated at the target ratio (only kept batches computed).
             src = str(metric.get("source_prune", "1x")) if metric.get("name", "random") != "random" else p
-            store = self.step("relabel", [f"recover={m}", f"prune={src}", *quant], f"relabel: {m} {src}")
-            # hand the student the exact store: relabel knobs set through stage.steps.relabel change its key
-            where = [f"stage.store={store['path']}"] if isinstance(store, dict) and store.get("path") else []
-            if src != p:
-                where = []  # the student derives the metric's source store itself
+            # the student derives the store from the same config (lpld.artifacts.labels), no path is handed over
+            self.step("relabel", [f"recover={m}", f"prune={src}", *quant], f"relabel: {m} {src}")
             self.step(
                 "student",
-                [f"recover={m}", f"prune={p}", *quant, *extra, *res, *where],
+                [f"recover={m}", f"prune={p}", *quant, *extra, *res],
                 f"student: {m} {p}{' hard labels' if extra else ''}",
             )
         return self.collect(grid, quant)
 
     def collect(self, grid: list[tuple[str, str, list[str]]], quant: list[str]) -> list[dict[str, Any]]:
         """The latest record of each grid cell, from this pipeline's results file."""
-        from lpld.core.results import load_records, results_file
+        from lpld.report.records import load_records
 
-        f = results_file(paths.results_dir(self.cfg), self.results_name)
+        f = results_artifact.path(self.cfg, self.results_name)
         recs = load_records(f) if f.exists() else []
         rows = []
         for m, p, extra in grid:
@@ -148,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pipe = Pipeline(cfg)
     rows = pipe.run()
     table = format_table(rows)
-    out_dir = paths.results_dir(cfg) / "reports" / pipe.results_name
+    out_dir = results_artifact.dir(cfg) / "reports" / pipe.results_name
     out_dir.mkdir(parents=True, exist_ok=True)
     from lpld.core.io import atomic_write_bytes
 
@@ -157,10 +158,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pipe.step(
             "report",
             [
-                f"stage.results={paths.results_dir(cfg) / (pipe.results_name + '.jsonl')}",
+                f"stage.results_name={pipe.results_name}",  # the report opens the file the students wrote
                 "stage.rows=[method,student.loss]",
                 "stage.cols=[prune]",
-                f"stage.out_dir={out_dir}",
             ],
             "report: table + Pareto plot",
         )

@@ -78,14 +78,78 @@ def _model(cfg_model: dict[str, Any], num_classes: int, in_chans: int, img_size:
         return build_model(m, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
 
 
+def _relabel_plan(
+    cfg: DictConfig, ds: Any, spec: Any, img_u8: int, act_b: int, runtime: float
+) -> tuple[dict[str, Any], float]:
+    """Relabel's memory per rank (the uint8 images, the fp32 teacher and one forward's rows), and its host bytes."""
+    from lpld.lit.relabel_datamodule import auto_batches_per_forward
+    from lpld.stages.common import to_container
+
+    teacher = _model(to_container(cfg.model), ds.num_classes, ds.channels, ds.image_size)
+    t_params = _params(teacher)
+    _, t_inf = activation_bytes_per_sample(teacher, ds.channels, ds.image_size)
+    # relabel's stage.batches_per_forward defaults to auto (null); this stage's node has the key only if the
+    # schema gives it one
+    bpf = cfg.stage.get("batches_per_forward") or auto_batches_per_forward(spec.batch_size)
+    rows = int(bpf) * spec.batch_size
+    # relabel on the GPU: uint8 images, fp32 teacher, one forward's float input (4 B) + activations + logits
+    relabel_gpu = (
+        img_u8
+        + 4 * t_params
+        + rows * ds.channels * ds.image_size**2 * 4
+        + rows * t_inf * act_b
+        + rows * ds.num_classes * 4
+    )
+    relabel_host = img_u8 + 4 * t_params + runtime
+    entry = {
+        "rows_per_forward": rows,
+        "batches_per_forward": int(bpf),
+        "host_bytes_per_rank": int(relabel_host),
+        "gpu_bytes_per_rank": int(relabel_gpu),
+        "teacher_params": t_params,
+    }
+    return entry, relabel_host
+
+
+def _student_plan(
+    cfg: DictConfig, ds: Any, spec: Any, img_u8: int, act_b: int, runtime: float, w: int
+) -> tuple[dict[str, Any], float]:
+    """The student's memory per rank (images, weights + gradients + optimizer state, the replayed batch), and its
+    host bytes."""
+    from lpld.config import student_settings
+    from lpld.stages.student import student_model_cfg
+
+    student = _model(student_model_cfg(cfg), ds.num_classes, ds.channels, ds.image_size)
+    s_params = _params(student)
+    s_train, _ = activation_bytes_per_sample(student, ds.channels, ds.image_size)
+    opt = student_settings(cfg, {"epochs": spec.epochs, "granularity": spec.granularity})["optimizer"].lower()
+    b = spec.batch_size
+    per_rank_rows = -(-b // w)
+    # student: every rank replays the whole stored batch (CutMix pairs rows), trains on b / W rows of it
+    student_gpu = (
+        img_u8
+        + 4 * s_params * (2 + _OPT_STATE.get(opt, 2))  # weights, grads, optimizer state (fp32)
+        + b * ds.channels * ds.image_size**2 * 4  # the replayed float batch
+        + b * ds.num_classes * 4 * 2  # decoded targets (+ a temporary)
+        + per_rank_rows * s_train * act_b
+    )
+    student_host = img_u8 + 4 * s_params + runtime
+    entry = {
+        "global_batch": b,
+        "rows_per_rank": per_rank_rows,
+        "host_bytes_per_rank": int(student_host),
+        "gpu_bytes_per_rank": int(student_gpu),
+        "student_params": s_params,
+        "optimizer": opt,
+    }
+    return entry, student_host
+
+
 def plan(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
     """The predictions for ``cfg`` at world size ``world`` (None: the trainer preset's); see the module doc."""
     from lpld.dist import planned_world_size
-    from lpld.lit.relabel_datamodule import auto_batches_per_forward
-    from lpld.stages.common import dataset_spec, to_container
-    from lpld.stages.relabel import _stage as relabel_knobs
+    from lpld.stages.common import dataset_spec
     from lpld.stages.relabel import build_spec
-    from lpld.stages.student import student_model_cfg
 
     st = cfg.stage
     w = int(world or st.get("world_size") or planned_world_size(cfg))
@@ -100,41 +164,10 @@ def plan(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
     prec = str(cfg.trainer.get("precision", "32-true"))
     act_b = _ACT_BYTES.get(prec, 4)
     runtime = float(st.get("runtime_gib", 3.0)) * GIB
-
-    teacher = _model(to_container(cfg.model), ds.num_classes, ds.channels, ds.image_size)
-    t_params = _params(teacher)
-    _, t_inf = activation_bytes_per_sample(teacher, ds.channels, ds.image_size)
-    rk = relabel_knobs(cfg)
-    bpf = rk.get("batches_per_forward") or auto_batches_per_forward(spec.batch_size)
-    rows = int(bpf) * spec.batch_size
-    # relabel on the GPU: uint8 images, fp32 teacher, one forward's float input (4 B) + activations + logits
-    relabel_gpu = (
-        img_u8
-        + 4 * t_params
-        + rows * ds.channels * ds.image_size**2 * 4
-        + rows * t_inf * act_b
-        + rows * ds.num_classes * 4
-    )
-    relabel_host = img_u8 + 4 * t_params + runtime
-
-    smodel_cfg = student_model_cfg(cfg)
-    student = _model(smodel_cfg, ds.num_classes, ds.channels, ds.image_size)
-    s_params = _params(student)
-    s_train, _ = activation_bytes_per_sample(student, ds.channels, ds.image_size)
-    opt = str(cfg.student.get("optimizer") or _student_recipe(cfg).get("optimizer") or "adamw").lower()
-    b = spec.batch_size
-    per_rank_rows = -(-b // w)
-    # student: every rank replays the whole stored batch (CutMix pairs rows), trains on b / W rows of it
-    student_gpu = (
-        img_u8
-        + 4 * s_params * (2 + _OPT_STATE.get(opt, 2))  # weights, grads, optimizer state (fp32)
-        + b * ds.channels * ds.image_size**2 * 4  # the replayed float batch
-        + b * ds.num_classes * 4 * 2  # decoded targets (+ a temporary)
-        + per_rank_rows * s_train * act_b
-    )
-    student_host = img_u8 + 4 * s_params + runtime
+    relabel, relabel_host = _relabel_plan(cfg, ds, spec, img_u8, act_b, runtime)
+    student, student_host = _student_plan(cfg, ds, spec, img_u8, act_b, runtime, w)
     tasks = int(st.get("tasks_per_node") or min(w, 8))
-    out = {
+    return {
         "world_size": w,
         "precision": prec,
         "num_images": n,
@@ -146,31 +179,11 @@ def plan(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
             "files_while_generating": files + w,
             "batches": int(acc["num_batches"]),
         },
-        "relabel": {
-            "rows_per_forward": rows,
-            "batches_per_forward": int(bpf),
-            "host_bytes_per_rank": int(relabel_host),
-            "gpu_bytes_per_rank": int(relabel_gpu),
-            "teacher_params": t_params,
-        },
-        "student": {
-            "global_batch": b,
-            "rows_per_rank": per_rank_rows,
-            "host_bytes_per_rank": int(student_host),
-            "gpu_bytes_per_rank": int(student_gpu),
-            "student_params": s_params,
-            "optimizer": opt,
-        },
+        "relabel": relabel,
+        "student": student,
         "slurm_mem_gb": int(-(-max(relabel_host, student_host) * tasks // GIB)) + 1,
         "tasks_per_node": tasks,
     }
-    return out
-
-
-def _student_recipe(cfg: DictConfig) -> dict[str, Any]:
-    from lpld.data.recipe import recipe
-
-    return recipe(cfg.dataset, "student", int(cfg.ipc))
 
 
 def _gib(x: float) -> str:

@@ -16,84 +16,37 @@ another config unless ``recover.overwrite=true``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from lpld import paths
-from lpld.core.images import MANIFEST, class_dir_name, image_hashes, images_fingerprint, list_pngs, read_manifest
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import stats as stats_artifact
+from lpld.config import recover_settings as resolve_settings  # resolved in lpld.config (old name kept)
+from lpld.core.images import read_manifest
 from lpld.core.io import (
     ArtifactError,
-    acquire_lock,
-    atomic_write_json,
-    drop_aside,
     fingerprint_obj,
     fingerprint_tensors,
-    move_aside,
-    read_json,
-    release_lock,
 )
+from lpld.core.recover_job import (  # noqa: F401 - re-exported: the job and its records moved to core
+    RECORD,
+    RecoverJob,
+    base_manifest,
+    class_done,
+    finalize_manifest,
+    write_class_record,
+)
+from lpld.core.recover_methods import get_recover_method, list_recover_methods
 from lpld.stages import ConfigError
 
 log = logging.getLogger("lpld")
 
-# method -> how its images are made
-METHODS: dict[str, dict[str, Any]] = {
-    "lpld": {"kind": "optimize", "batching": "class", "classwise": True},
-    "lpld_c": {"kind": "optimize", "batching": "class", "classwise": False},
-    "sre2l": {"kind": "optimize", "batching": "slot", "classwise": False},
-    "cda": {"kind": "optimize", "batching": "slot", "classwise": False},
-    "rded": {"kind": "rded"},
-    "random_real": {"kind": "random_real"},
-}
-RECORD = ".recover.json"
-# knobs read from recover.<key>, else dataset.recipe.recover.<key>, else this default
-RECIPE_DEFAULTS: dict[str, Any] = {
-    "iterations": 1000,
-    "lr": 0.1,
-    "alpha": 0.05,
-    "first_bn_multiplier": 10.0,
-    "tv_l2": 1.0e-4,
-    "l2": 1.0e-5,
-    "jitter": 4,
-    "betas": [0.5, 0.9],
-}
-
-
-@dataclass
-class RecoverJob:
-    """Everything a RecoverModule needs (plain values only, so it pickles into DDP ranks)."""
-
-    method: str
-    kind: str
-    out_dir: str
-    ipc: int
-    seed: int
-    num_classes: int
-    channels: int
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    class_names: list[str]
-    settings: dict[str, Any]
-    batches: list[list[list[int]]]  # device batch -> units -> class ids
-    teacher_fingerprint: str
-    stats_fingerprint: str | None
-    stats_path: str | None
-    config_fingerprint: str
-    progress_every: int = 25
-    log_images: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def classes(self) -> list[int]:
-        return [c for b in self.batches for u in b for c in u]
-
-    def class_dir(self, c: int) -> Path:
-        return Path(self.out_dir) / class_dir_name(c, self.class_names[c])
+# method -> how its images are made (a view of the registry in lpld.core.recover_methods)
+METHODS: dict[str, dict[str, Any]] = {m: get_recover_method(m).as_dict() for m in list_recover_methods()}
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:
@@ -101,80 +54,6 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
         return default
     v = node.get(key) if hasattr(node, "get") else None
     return default if v is None else v
-
-
-def resolve_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved recover knobs (recover.<key> > dataset recipe > defaults), validated.
-
-    Raises:
-        ConfigError: unknown method, bad numbers, unsupported init.
-    """
-    from lpld.data.recipe import recipe
-
-    rc = cfg.recover
-    name = str(rc.name)
-    if name not in METHODS:
-        raise ConfigError(f"unknown recover method '{name}'; choose recover=<{'|'.join(METHODS)}>")
-    ipc = int(cfg.ipc)
-    if ipc < 1:
-        raise ConfigError(f"ipc must be >= 1 (images per class), got {ipc}")
-    rec = recipe(cfg.dataset, "recover", ipc)
-    s: dict[str, Any] = {"name": name}
-    for k, d in RECIPE_DEFAULTS.items():
-        v = _get(rc, k)
-        s[k] = v if v is not None else rec.get(k, d)
-        if s[k] is None:
-            s[k] = d
-    s["betas"] = [float(b) for b in s["betas"]]
-    for k in ("iterations", "jitter"):
-        s[k] = int(s[k])
-    for k in ("lr", "alpha", "first_bn_multiplier", "tv_l2", "l2"):
-        s[k] = float(s[k])
-    s["rrc_scale_min"] = float(_get(rc, "rrc_scale_min", 0.08))
-    s["rrc_scale_max"] = float(_get(rc, "rrc_scale_max", 1.0))
-    s["flip"] = bool(_get(rc, "flip", True))
-    s["init"] = str(_get(rc, "init", "random"))
-    s["precision"] = str(_get(rc, "precision", "32-true"))
-    if s["iterations"] < 1 or s["lr"] <= 0 or s["jitter"] < 0:
-        # 0 iterations would write the Gaussian-noise initialisation as finished distilled images
-        bad = {k: s[k] for k in ("iterations", "lr", "jitter")}
-        raise ConfigError(
-            f"recover.iterations >= 1, recover.lr > 0 and recover.jitter >= 0 are required, got {bad}; set e.g. "
-            "recover.iterations=1000 (for real images without synthesis use recover=random_real)"
-        )
-    if not 0 < s["rrc_scale_min"] <= s["rrc_scale_max"] <= 1:
-        raise ConfigError("need 0 < recover.rrc_scale_min <= recover.rrc_scale_max <= 1")
-    if s["init"] != "random":
-        raise ConfigError(f"recover.init={s['init']} is not supported; the only initialisation is 'random' (Table 11)")
-    meth = METHODS[name]
-    if meth["kind"] == "optimize" and meth["batching"] == "slot":
-        g = _get(rc, "group_classes")
-        s["group_classes"] = int(g) if g is not None else min(int(cfg.dataset.num_classes), 100)
-        if s["group_classes"] < 1:
-            raise ConfigError("recover.group_classes must be >= 1")
-    if name == "cda":
-        cda = _get(rc, "cda", {}) or {}
-        s["cda"] = {"schedule": str(_get(cda, "schedule", "cosine")), "milestone": float(_get(cda, "milestone", 1.0))}
-        if s["cda"]["schedule"] not in ("step", "linear", "cosine") or not 0 <= s["cda"]["milestone"] <= 1:
-            raise ConfigError("recover.cda.schedule must be step|linear|cosine and recover.cda.milestone in [0, 1]")
-    if name == "rded":
-        r = _get(rc, "rded", {}) or {}
-        cs = list(_get(r, "crop_scale", [0.08, 1.0]))
-        s["rded"] = {
-            "factor": int(_get(r, "factor", 2)),
-            "candidates_per_class": int(_get(r, "candidates_per_class", 300)),
-            "crops_per_image": int(_get(r, "crops_per_image", 5)),
-            "crop_scale": [float(cs[0]), float(cs[1])],
-            "style": str(_get(r, "style", "official")),  # official: RDED's square half-size crops | lpld
-        }
-        if s["rded"]["factor"] < 1 or s["rded"]["crops_per_image"] < 1:
-            raise ConfigError("recover.rded.factor and recover.rded.crops_per_image must be >= 1")
-        if s["rded"]["style"] not in ("official", "lpld"):
-            raise ConfigError(f"recover.rded.style must be official|lpld, got {s['rded']['style']!r}")
-    if meth["kind"] != "optimize":  # knobs that do not affect these methods stay out of the identity
-        for k in (*RECIPE_DEFAULTS, "rrc_scale_min", "rrc_scale_max", "flip", "init"):
-            s.pop(k, None)
-    return s
 
 
 def class_range(cfg: DictConfig, settings: dict[str, Any]) -> list[int]:
@@ -222,105 +101,6 @@ def identity(job_base: dict[str, Any]) -> str:
     return fingerprint_obj(job_base)
 
 
-def class_done(job: RecoverJob, c: int) -> bool:
-    """Class c is finished: its record matches this config and all its PNGs exist."""
-    d = job.class_dir(c)
-    rec_path = d / RECORD
-    if not rec_path.exists():
-        return False
-    try:
-        rec = read_json(rec_path)
-    except ArtifactError:
-        return False
-    if rec.get("config_fingerprint") != job.config_fingerprint:
-        return False
-    return all((d / f"{j:05d}.png").exists() for j in range(job.ipc))
-
-
-def write_class_record(job: RecoverJob, c: int, losses: dict[str, float]) -> None:
-    atomic_write_json(
-        job.class_dir(c) / RECORD, {"class": c, "config_fingerprint": job.config_fingerprint, "loss": losses}
-    )
-
-
-def base_manifest(job: RecoverJob) -> dict[str, Any]:
-    return {
-        "method": job.method,
-        "config": job.settings,
-        "config_fingerprint": job.config_fingerprint,
-        "seed": job.seed,
-        "ipc": job.ipc,
-        "num_classes": job.num_classes,
-        "dataset": job.extra.get("dataset"),
-        "image_size": job.image_size,
-        "channels": job.channels,
-        "mean": job.mean,
-        "std": job.std,
-        "class_names": job.class_names,
-        "teacher_fingerprint": job.teacher_fingerprint,
-        "stats_fingerprint": job.stats_fingerprint,
-    }
-
-
-def finalize_manifest(job: RecoverJob) -> dict[str, Any]:
-    """Collect the class records and write manifest.json (complete when every class is done)."""
-    out = Path(job.out_dir)
-    per_class: dict[str, Any] = {}
-    for c in range(job.num_classes):
-        if class_done(job, c):
-            per_class[str(c)] = read_json(job.class_dir(c) / RECORD)["loss"]
-    man = base_manifest(job)
-    man["per_class_loss"] = per_class
-    man["classes_done"] = len(per_class)
-    man["complete"] = len(per_class) == job.num_classes
-    man["images_fingerprint"] = images_fingerprint(out) if man["complete"] else None
-    man["file_hashes"] = image_hashes(out) if man["complete"] else None  # checked file by file on load
-    atomic_write_json(out / MANIFEST, man)
-    if man["complete"]:
-        drop_aside(out)  # recover.overwrite=true kept the replaced images until now
-        release_lock(out)
-    return man
-
-
-def prepare_output(job: RecoverJob, overwrite: bool) -> str:
-    """Check the output folder; returns 'fresh', 'resume' or 'done'.
-
-    Raises:
-        ArtifactError: the folder holds images from a different config (or images without a
-            manifest) and ``overwrite`` is false.
-    """
-    out = Path(job.out_dir)
-    acquire_lock(out, "distilled images")  # one writer per images folder (released when complete / at exit)
-    man = read_manifest(out) if out.exists() else None
-    has_pngs = bool(list_pngs(out))
-    if man is None and not has_pngs:
-        state = "fresh"
-    elif man is not None and man.get("config_fingerprint") == job.config_fingerprint and not overwrite:
-        state = "done" if man.get("complete") else "resume"
-    elif not overwrite:
-        what = (
-            (
-                f"images from a different config (method {man.get('method')}, teacher "
-                f"{man.get('teacher_fingerprint')}, config {man.get('config_fingerprint')})"
-            )
-            if man
-            else ("PNG images without a manifest")
-        )
-        raise ArtifactError(
-            f"{out} holds {what}; this run's config is {job.config_fingerprint}. Pass recover.overwrite=true to "
-            "replace them, or change seed/ipc/method so the run gets its own folder"
-        )
-    else:
-        move_aside(out)  # kept as <folder>.replaced until the new images are complete (finalize_manifest)
-        state = "fresh"
-    if state == "fresh":
-        out.mkdir(parents=True, exist_ok=True)
-        man = base_manifest(job)
-        man.update(per_class_loss={}, classes_done=0, complete=False, images_fingerprint=None)
-        atomic_write_json(out / MANIFEST, man)
-    return state
-
-
 def _check_stats(stats: dict[str, Any], teacher: torch.nn.Module, num_classes: int, classes: list[int], path: Path):
     from lpld.core.bn_hooks import bn_layers
 
@@ -360,7 +140,7 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
     if meth["kind"] == "optimize" and meth["classwise"]:
         from lpld.core.bnstats import load_classwise_stats
 
-        p = Path(str(_get(rc, "stats_path"))) if _get(rc, "stats_path") else paths.stats_path(cfg)
+        p = Path(str(_get(rc, "stats_path"))) if _get(rc, "stats_path") else stats_artifact.path(cfg)
         if not p.exists():
             raise ArtifactError(
                 f"recover={settings['name']} needs class-wise BN statistics at {p}; run "
@@ -406,7 +186,7 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
     return RecoverJob(
         method=settings["name"],
         kind=meth["kind"],
-        out_dir=str(paths.images_dir(cfg)),
+        out_dir=str(images_artifact.path(cfg)),
         ipc=int(cfg.ipc),
         seed=int(cfg.seed),
         num_classes=spec.num_classes,
@@ -444,7 +224,7 @@ def _class_names(cfg: DictConfig, n: int) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Synthesise (or resume) the distilled images at ``paths.images_dir(cfg)``."""
+    """Synthesise (or resume) the distilled images at ``lpld.artifacts.images.path(cfg)``."""
     from lpld.lit.recover_module import RecoverModule
     from lpld.stages.common import build_logger, build_trainer, finish_logger, load_teacher, to_container
 
@@ -455,7 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # rank 0 decides fresh / resume / done and creates the folder; every rank takes its decision (a child
     # re-launched by Lightning starts inside rank 0's Trainer, after rank 0 prepared: it resumes)
     state = dist.decide(
-        lambda: prepare_output(job, bool(_get(cfg.recover, "overwrite", False))),
+        lambda: images_artifact.prepare(job, bool(_get(cfg.recover, "overwrite", False))),
         follow="resume",
         accelerator=dist.accelerator_of(cfg),
     )
@@ -470,7 +250,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         job.out_dir,
         state,
     )
-    module = RecoverModule(to_container(cfg), asdict(job))
+    module = RecoverModule(teacher, asdict(job), to_container(cfg.dataset), int(cfg.trainer.get("num_workers", 0) or 0))
     logger = build_logger(cfg, "recover")
     try:
         trainer = build_trainer(

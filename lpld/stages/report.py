@@ -1,7 +1,7 @@
 """stage=report: results records -> the paper's table shape + a Pareto plot (top-1 vs total storage).
 
-Reads records written by the student stage (``lpld.core.results.load_records``), pivots them with
-``lpld.core.report_table`` and writes ``report.md``, ``report.csv``, ``report_long.csv`` and ``pareto.png``
+Reads records written by the student stage (``lpld.report.records.load_records``), pivots them with
+``lpld.report`` and writes ``report.md``, ``report.csv``, ``report_long.csv`` and ``pareto.png``
 to ``stage.out_dir`` (default ``<results folder>/reports/<file stem or "all">``). The reports are views of
 the records, so rewriting them on a rerun is intended (logged). With a logger the table goes to W&B as a
 ``wandb.Table`` and the plot as a uint8 image.
@@ -16,21 +16,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lpld import paths
+from lpld.artifacts import results as results_artifact
 from lpld.core.io import atomic_write_bytes
-from lpld.core.report_table import (
-    filter_records,
-    pareto_plot,
-    pareto_points,
-    pivot,
-    table_strings,
-    to_csv,
-    to_long_csv,
-    to_markdown,
-)
-from lpld.core.results import load_records
-from lpld.stages import ConfigError
-from lpld.stages.common import build_logger, finish_logger, log_images_uint8
+from lpld.errors import ConfigError
+from lpld.lit.display import log_images_uint8
+from lpld.report.pareto import pareto_plot, pareto_points
+from lpld.report.records import load_records
+from lpld.report.table import filter_records, pivot, table_strings, to_csv, to_long_csv, to_markdown
+from lpld.stages.common import build_logger, finish_logger
 
 log = logging.getLogger("lpld")
 
@@ -61,7 +54,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def resolve_inputs(cfg: DictConfig) -> tuple[Path, Path]:
     """(results file or folder, output folder) for this report."""
     st = cfg.stage
-    src = Path(str(st.results)).expanduser().resolve() if st.get("results") else paths.results_dir(cfg)
+    if st.get("results"):
+        src = Path(str(st.results)).expanduser().resolve()
+    elif st.get("results_name"):  # the same spec the producer (student / pipeline) wrote
+        src = results_artifact.path(cfg, str(st.results_name))
+    else:
+        src = results_artifact.dir(cfg)
     if st.get("out_dir"):
         return src, Path(str(st.out_dir)).expanduser().resolve()
     if src.is_dir():

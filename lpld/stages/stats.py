@@ -3,52 +3,55 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from lpld import paths
-from lpld.core.io import ArtifactError, acquire_lock, drop_aside, move_aside, release_lock
+from lpld.artifacts import stats as stats_artifact
+from lpld.core.io import drop_aside, release_lock
+from lpld.lit.stats_module import StatsJob, StatsModule
 from lpld.stages.common import build_logger, build_trainer, finish_logger, load_teacher, log_metrics, to_container
 
 log = logging.getLogger("lpld")
 
 
+def stats_job(cfg: DictConfig, out: Path) -> StatsJob:
+    """The resolved settings of the stats pass writing ``out``."""
+    from lpld.config import stats_settings
+
+    st = stats_settings(cfg)
+    limit = cfg.stage.get("max_images")
+    return StatsJob(
+        dataset=to_container(cfg.dataset),
+        model_name=str(cfg.model.name),
+        mode=st["mode"],
+        momentum=st["momentum"],
+        batch_size=st["batch_size"],
+        augment=st["augment"],
+        seed=stats_artifact.stats_seed(cfg),
+        max_images=int(limit) if limit else None,
+        num_workers=int(cfg.trainer.get("num_workers", 0)),
+        out_path=str(out),
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     from lpld import dist
-    from lpld.lit.stats_module import StatsModule
 
-    out = paths.stats_path(cfg)
-    _, teacher_fp = load_teacher(cfg)  # fails early with the fix if there is no teacher
+    out = stats_artifact.path(cfg)
+    teacher, teacher_fp = load_teacher(cfg)  # fails early with the fix if there is no teacher
 
     def decide() -> str:
         """Rank 0: "reuse" the finished stats, or "compute" (after moving an overwritten file aside)."""
-        acquire_lock(out, "class-wise stats")  # one writer per stats file (released below, or at exit)
-        if out.exists() and not cfg.stage.overwrite:
-            try:
-                old = torch.load(out, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise ArtifactError(
-                    f"{out} is corrupt ({e}); rerun `python run.py stage=stats stage.overwrite=true` to recompute it"
-                ) from e
-            same = isinstance(old, dict) and old.get("teacher_fingerprint") == teacher_fp
-            if same and old.get("mode") == paths.stats_mode(cfg):  # stage.mode null = the recipe's mode
-                release_lock(out)
-                return "reuse"
-            raise ArtifactError(
-                f"{out} holds stats for another teacher or stage.mode; rerun with stage.overwrite=true to replace them "
-                f"(the old file is kept as {out.name}.replaced until the new one is written)"
-            )
-        if out.exists():
-            move_aside(out)  # stage.overwrite=true: kept until the new stats are written
-        return "compute"
+        return stats_artifact.prepare(out, teacher_fp, stats_artifact.spec(cfg).mode, bool(cfg.stage.overwrite))
 
     # rank 0 decides; a child re-launched by Lightning starts inside rank 0's Trainer (it computes)
     if dist.decide(decide, follow="compute", accelerator=dist.accelerator_of(cfg)) == "reuse":
         log.info("class-wise stats exist at %s for this teacher; reusing them", out)
         return {"reused": True}
-    module = StatsModule(to_container(cfg), str(out))
+    module = StatsModule(teacher, teacher_fp, stats_job(cfg, out))
     logger = build_logger(cfg, "stats")
     try:
         trainer = build_trainer(cfg, logger=logger, use_distributed_sampler=False, inference_mode=True)

@@ -36,14 +36,14 @@ def _print_store(path: Path, verify: str) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from lpld.stages.relabel import build_spec, store_path
+    from lpld.artifacts import labels
 
     st = cfg.stage
     if st.get("path"):
         return _print_store(Path(str(st.path)), str(st.verify))
-    spec = build_spec(cfg)
+    spec = labels.store_spec(cfg)
     try:
-        path = store_path(cfg)
+        path = labels.path(cfg)
     except Exception:  # noqa: BLE001 - no artifacts root configured: prediction only
         path = None
     if path is not None and (path / "manifest.json").exists():
@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         spec.prune_ratio,
         spec.granularity,
         spec.aug.mix,
+        drop_last=spec.drop_last,
     )
     img = image_bytes(
         spec.num_images, int(cfg.dataset.channels), int(cfg.dataset.image_size), st.get("image_bytes_per_image")

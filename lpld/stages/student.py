@@ -1,6 +1,6 @@
 """Stage ``student``: train a fresh student on distilled images + a label store; append a results record.
 
-Inputs: the distilled images of ``paths.images_dir(cfg)`` and the label store of this config
+Inputs: the distilled images of ``lpld.artifacts.images.path(cfg)`` and the label store of this config
 (``stage.store`` overrides its path). With ``metric=random`` the store generated at ``prune`` is
 the label pool. With a pruning metric the store generated at ``metric.source_prune`` (1x) is read
 and ``label_pool.pool_size(M, prune.ratio)`` of its batches are kept by ``label_pool.select_pool``
@@ -11,7 +11,7 @@ Outputs (deterministic paths): checkpoints under
 ``<artifacts>/<dataset>/<teacher>/students/<images key>/<store key>/<student key>/``
 (``last.ckpt`` resumes an interrupted run with the same label-pool draws; ``final.json`` marks a
 finished run so a rerun does not append a second record) and one JSON record per finished run in
-``<paths.results_dir>/<stage.results_name>.jsonl`` (``lpld.core.results``).
+``lpld.artifacts.results.path(cfg, stage.results_name)`` (``lpld.report.records``).
 """
 
 from __future__ import annotations
@@ -25,24 +25,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import results as results_artifact
+from lpld.artifacts import students as students_artifact
+from lpld.artifacts import teacher as teacher_artifact
+from lpld.config import metric_settings, student_settings  # noqa: F401 - resolved in lpld.config (re-exported)
+from lpld.config.compose import group_option
 from lpld.core import quant
 from lpld.core.io import (
     ArtifactError,
-    acquire_lock,
     atomic_write_json,
     drop_aside,
-    fingerprint_obj,
-    move_aside,
-    read_json,
     release_lock,
 )
-from lpld.core.label_pool import GRANULARITIES, ORDERS, pool_size, select_pool
-from lpld.core.prune_metrics import METRICS, batch_score, per_sample_scores
-from lpld.core.results import results_file
-from lpld.core.temperature import CA_MODES, SCHEDULES
+from lpld.core.label_pool import pool_size, select_pool
+from lpld.core.prune_metrics import batch_score, per_sample_scores
 from lpld.stages import ConfigError
 from lpld.stages.common import build_logger, build_trainer, dataset_spec, finish_logger, num_workers, to_container
 
@@ -51,111 +50,10 @@ log = logging.getLogger("lpld")
 # Tests inject callbacks here (e.g. to simulate an interruption); empty in normal runs.
 extra_callbacks: list[Any] = []
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # settings
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _recipe(cfg: DictConfig) -> dict[str, Any]:
-    from lpld.data.recipe import recipe
-
-    return recipe(cfg.dataset, "student", int(cfg.ipc))
-
-
-def student_settings(cfg: DictConfig, store_manifest: dict[str, Any]) -> dict[str, Any]:
-    """Resolved student knobs: ``cfg.student.<key>``, else ``dataset.recipe.student.<key>``, else a default."""
-    s, rec = cfg.student, _recipe(cfg)
-
-    def pick(key: str, default: Any = None, rkey: str | None = None) -> Any:
-        v = s.get(key)
-        if v is None:
-            v = rec.get(rkey or key)
-        return default if v is None else v
-
-    out = {
-        "epochs": int(pick("epochs", store_manifest["epochs"])),
-        "optimizer": str(pick("optimizer", "adamw")),
-        "lr": float(pick("lr", 1e-3)),
-        "weight_decay": float(pick("weight_decay", 0.01)),
-        # official students decay only weight matrices / kernels (utils.get_parameters); false = decay all
-        "wd_exclude_bn_bias": bool(pick("wd_exclude_bn_bias", True)),
-        "momentum": float(pick("momentum", 0.9)),
-        "warmup_epochs": float(pick("warmup_epochs", 0)),
-        "warmup_start": float(s.get("warmup_start", 0.01)),
-        "scheduler": str(pick("scheduler", "cosine")),
-        "label_smoothing": float(pick("label_smoothing", 0.0)),
-        "loss": str(s.get("loss", "kl")),
-        "gamma": float(s.get("gamma", 0.1)),
-        "mse_target": str(pick("mse_target", "logits")),  # mse_gt: G-VBSM's raw logits (official) | probs
-        "smoothing_space": str(pick("smoothing_space", "probs")),  # label smoothing on probs | logits (in21k)
-        "kd_t2": bool(pick("kd_t2", False)),
-        "temperature": float(pick("temperature", 4.0)),
-        "temp_schedule": str(s.get("temp_schedule", "none")),
-        "temp_step_size": int(s.get("temp_step_size", 30)),
-        "temp_gamma": float(s.get("temp_gamma", 0.7)),
-        "temp_floor": float(s.get("temp_floor", 2.0)),
-        "temp_min": float(s.get("temp_min", 1.0)),
-        "temp_epoch_base": int(s.get("temp_epoch_base", 1)),  # DKR: 1-based epochs as the public LPQLD code
-        "ca": str(s.get("ca", "none")),
-        "ca_value": float(s.get("ca_value", 1.0)),
-        "ca_grid": [float(v) for v in (s.get("ca_grid") or [0.01, 1.0, 100])],
-        "granularity": str(s.get("granularity") or store_manifest.get("granularity") or "batch"),
-        "accumulate": int(s.get("accumulate", 1)),
-        "ema_decay": float(s.get("ema_decay", 0.0)),
-        "batch_size": s.get("batch_size"),
-    }
-    _validate_settings(out)
-    qmode = str((store_manifest.get("quant") or {}).get("mode", "none"))
-    if out["loss"] == "mse_gt" and out["mse_target"] == "logits" and qmode != "none":
-        raise ConfigError(
-            f"student.loss=mse_gt matches the teacher's full logits (G-VBSM), but this label store is quant={qmode}; "
-            "relabel with quant=none, or set student.mse_target=probs (MSE between distributions)"
-        )
-    return out
-
-
-def _validate_settings(st: dict[str, Any]) -> None:
-    from lpld.core.kd_loss import LOSSES
-
-    checks = [
-        ("loss", st["loss"], LOSSES),
-        ("temp_schedule", st["temp_schedule"], SCHEDULES),
-        ("ca", st["ca"], CA_MODES),
-        ("granularity", st["granularity"], GRANULARITIES),
-    ]
-    for key, val, valid in checks:
-        if val not in valid:
-            raise ConfigError(f"unknown student.{key}={val!r}; valid: {', '.join(valid)}")
-    if st["epochs"] < 1:
-        raise ConfigError(f"student.epochs must be >= 1, got {st['epochs']}")
-    if st["accumulate"] < 1:
-        raise ConfigError(f"student.accumulate must be >= 1, got {st['accumulate']}")
-    from lpld.core.kd_loss import MSE_TARGETS, SMOOTHING_SPACES
-
-    for key, valid in (("mse_target", MSE_TARGETS), ("smoothing_space", SMOOTHING_SPACES)):
-        if st[key] not in valid:
-            raise ConfigError(f"unknown student.{key}={st[key]!r}; valid: {', '.join(valid)}")
-    if len(st["ca_grid"]) != 3:
-        raise ConfigError(f"student.ca_grid must be [lo, hi, n], got {st['ca_grid']}")
-
-
-def metric_settings(cfg: DictConfig) -> dict[str, Any]:
-    m = cfg.get("metric") or {"name": "random"}
-    out = {
-        "name": str(m.get("name", "random")),
-        "order": str(m.get("order", "random")),
-        "drop_easy": float(m.get("drop_easy", 0.0)),
-        "drop_hard": float(m.get("drop_hard", 0.0)),
-        "source_prune": str(m.get("source_prune", "1x")),
-    }
-    if out["name"] not in METRICS:
-        raise ConfigError(f"unknown metric={out['name']!r}; valid: {', '.join(METRICS)}")
-    if out["name"] != "random" and out["order"] not in ORDERS:
-        raise ConfigError(f"unknown metric.order={out['order']!r}; valid: {', '.join(ORDERS)}")
-    return out
 
 
 def student_model_cfg(cfg: DictConfig) -> dict[str, Any]:
@@ -168,15 +66,9 @@ def student_model_cfg(cfg: DictConfig) -> dict[str, Any]:
     knobs = dict(to_container(cfg.student.get("arch_knobs") or {}))
     if arch is None or str(arch) == str(teacher["name"]):
         base = {k: v for k, v in teacher.items() if k not in ("pretrained", "checkpoint", "tag")}
-    else:
-        base = {"name": str(arch)}
-        f = CONF_DIR / "model" / f"{arch}.yaml"
-        if f.exists():  # the architecture's default knobs from its model config
-            base = {
-                k: v
-                for k, v in OmegaConf.to_container(OmegaConf.load(f)).items()
-                if k not in ("pretrained", "checkpoint", "tag")
-            }
+    else:  # the architecture's default knobs from its model config (the `model` group option of that name)
+        arch_cfg = to_container(group_option("model", str(arch), "student.arch"))
+        base = {k: v for k, v in arch_cfg.items() if k not in ("pretrained", "checkpoint", "tag")}
     base.update(knobs)
     base["pretrained"] = False
     return base
@@ -188,26 +80,18 @@ def student_model_cfg(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _with_prune(cfg: DictConfig, prune_name: str) -> DictConfig:
-    """A copy of cfg whose ``prune`` group is conf/prune/<prune_name>.yaml."""
-    f = CONF_DIR / "prune" / f"{prune_name}.yaml"
-    if not f.exists():
-        raise ConfigError(f"metric.source_prune={prune_name!r}: no {f}; use a name from conf/prune/")
+    """A copy of cfg whose ``prune`` group is the option ``prune=<prune_name>`` (composed by Hydra)."""
     out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.prune = OmegaConf.load(f)
+    out.prune = group_option("prune", prune_name, "metric.source_prune")
     return out
 
 
 def label_store_dir(cfg: DictConfig) -> Path:
     """Directory of the label store this student reads (``stage.store`` overrides)."""
-    explicit = cfg.stage.get("store")
-    if explicit:
-        return Path(str(explicit)).expanduser().resolve()
+    if cfg.stage.get("store"):
+        return students_artifact.store_dir(cfg)
     m = metric_settings(cfg)
-    src = _with_prune(cfg, m["source_prune"]) if m["name"] != "random" else cfg
-    from lpld.stages import relabel
-
-    return Path(relabel.store_path(src))
+    return students_artifact.store_dir(cfg, _with_prune(cfg, m["source_prune"]) if m["name"] != "random" else cfg)
 
 
 def students_dir(store_dir: Path) -> Path:
@@ -408,26 +292,48 @@ def training_kwargs(st: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+@dataclass
+class StudentInputs:
+    """What a student run reads: distilled images, the label store and the resolved settings."""
 
-    from lpld import dist
+    spec: Any  # DatasetSpec
+    metric: dict[str, Any]  # label-pool selection (metric_settings)
+    images_dir: Path
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # (N,) class of each distilled image
+    images_manifest: dict[str, Any]
+    store_dir: Path
+    store: Any  # LabelStore
+    settings: dict[str, Any]  # student_settings (the store's schedule filled in)
+    model_cfg: dict[str, Any]  # the student architecture
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.store.manifest
+
+
+@dataclass
+class RunFiles:
+    """Where a student run keeps its state: ``run_dir`` (checkpoints, final.json) and the results file."""
+
+    run_key: str
+    run_dir: Path
+    results_file: Path
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final.json"
+
+
+def load_inputs(cfg: DictConfig) -> StudentInputs:
+    """Open the distilled images and the label store of this config and resolve the student settings."""
     from lpld.core.images import load_distilled
     from lpld.core.label_store import LabelStore
-    from lpld.core.storage_accounting import image_bytes as raw_image_bytes
-    from lpld.data import build_dataset
-    from lpld.data.transforms import eval_transform
-    from lpld.lit.perf import resolve_precision
-    from lpld.lit.student_module import StudentData, StudentModule
 
-    # per-rank launches (torchrun / srun): form the process group now and export RANK, so every rank-0-only
-    # step below (locks, moving a run aside, writing the record) knows its rank
-    dist.ensure_group(dist.accelerator_of(cfg))
     spec = dataset_spec(cfg)
     metric = metric_settings(cfg)
-    images_dir = paths.images_dir(cfg)
-    teacher_fp = _teacher_fingerprint(cfg)
+    images_dir = images_artifact.path(cfg)
+    teacher_fp = teacher_artifact.fingerprint(cfg)
     images, labels, img_man = load_distilled(
         images_dir,
         expect_teacher_fingerprint=teacher_fp,
@@ -437,55 +343,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     store = LabelStore.open(store_dir, verify=str(cfg.stage.get("verify", "fast")))
     st = student_settings(cfg, store.manifest)
     check_store(store, img_man, images, spec, st, store_dir)
-    model_cfg = student_model_cfg(cfg)
+    return StudentInputs(
+        spec, metric, images_dir, images, labels, img_man, store_dir, store, st, student_model_cfg(cfg)
+    )
+
+
+def run_files(cfg: DictConfig, inp: StudentInputs) -> RunFiles:
+    """The run's key and folders (lpld.artifacts.students) and this command's results file."""
+    from lpld.lit.perf import resolve_precision
 
     # what makes two runs train differently: knobs, pool, architecture, seed, store, images, world size
     # (the global batch and step count are the recipe's at any world size, but BatchNorm normalises each
     # rank's rows on their own) and the precision the student actually trains in
-    run_key_obj = {
-        "student": st,
-        "metric": metric,
-        "model": model_cfg,
-        "seed": int(cfg.seed),
-        "store": store_dir.name,
-        "images": img_man.get("images_fingerprint"),
-        "world": _world_size(cfg),
-        "precision": resolve_precision(cfg.trainer, "student"),
-    }
-    run_key = f"{model_cfg['name']}-{fingerprint_obj(run_key_obj)}"
-    run_dir = students_dir(store_dir) / run_key
-    final_path = run_dir / "final.json"
-    results_out = results_file(paths.results_dir(cfg), str(cfg.stage.get("results_name", "results")))
+    run_spec = students_artifact.spec(
+        cfg,
+        inp.store_dir,
+        model=inp.model_cfg,
+        settings=inp.settings,
+        metric=inp.metric,
+        images_fingerprint=inp.images_manifest.get("images_fingerprint"),
+        world=_world_size(cfg),
+        precision=resolve_precision(cfg.trainer, "student"),
+    )
+    results = results_artifact.path(cfg, str(cfg.stage.get("results_name", "results")))
+    return RunFiles(run_spec.key(), students_artifact.path(cfg, run_spec), results)
+
+
+def finished_run(cfg: DictConfig, files: RunFiles) -> dict[str, Any] | None:
+    """The finished run's summary (reused: its record is written to this command's results file if missing), or
+    None to train / resume. Rank 0 decides and moves folders; every rank takes the same branch."""
+    from lpld import dist
+
     overwrite = bool(cfg.stage.get("overwrite", False))
 
     def decide() -> dict[str, Any] | None:
-        """Rank 0: the finished run's summary (reuse), or None (train / resume) after any overwrite move."""
-        acquire_lock(run_dir, "student run")  # one writer per run folder (released when it finishes, or at exit)
-        if final_path.exists() and not overwrite:
-            done = read_json(final_path)
+        done = students_artifact.prepare(files.run_dir, files.final, overwrite)
+        if done is not None:
             # records are a function of the finished run: write it where this command asks, if missing
-            _ensure_record(results_out, done, cfg)
-            release_lock(run_dir)
-            return done
-        if overwrite and run_dir.exists():
-            # retrain from scratch: no resume from its last.ckpt; the old run stays at <run>.replaced until this
-            # one has written its record, and its record is then replaced (never duplicated)
-            move_aside(run_dir)
-        return None
+            _ensure_record(files.results_file, done, cfg)
+        return done
 
-    # rank 0 decides and moves things; every rank takes the same branch and reads last.ckpt only afterwards
-    done = dist.decide(decide, follow=None, accelerator=dist.accelerator_of(cfg))
-    if done is not None:
-        log.info("student %s already finished (top1 %.4f); stage.overwrite=true retrains", run_key, done["top1"])
-        return {"top1": done["top1"], "top5": done["top5"], "reused": True}
+    # every rank reads last.ckpt only after rank 0's decision (and any move)
+    return dist.decide(decide, follow=None, accelerator=dist.accelerator_of(cfg))
 
-    pool = build_pool(cfg, store, labels)
-    man = store.manifest
-    accumulate = int(st["accumulate"])
-    bpe = int(man["batches_per_epoch"])
+
+def build_module(cfg: DictConfig, inp: StudentInputs) -> Any:
+    """A fresh StudentModule seeded by ``seed`` (its initialisation is the first draw after seeding)."""
+    import lightning as L
+
+    from lpld.lit.student_module import StudentModule
+
+    st, man, spec = inp.settings, inp.manifest, inp.spec
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = StudentModule(
-        model_cfg=model_cfg,
+        model_cfg=inp.model_cfg,
         num_classes=spec.num_classes,
         in_chans=spec.channels,
         img_size=spec.image_size,
@@ -493,50 +404,48 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         quant_gen_temperature=float(man["quant"].get("temperature", 1.0)),
         **training_kwargs(st),
         epochs=st["epochs"],
-        steps_per_epoch=_steps_per_epoch(cfg, bpe),
+        steps_per_epoch=_steps_per_epoch(cfg, int(man["batches_per_epoch"])),
         mean=spec.mean,
         std=spec.std,
         label_smoothing=st["label_smoothing"],
-        accumulate=accumulate,
+        accumulate=int(st["accumulate"]),
         ema_decay=st["ema_decay"],
     )
-    module.set_images(images, labels)
+    module.set_images(inp.images, inp.labels)
+    return module
+
+
+def build_data(cfg: DictConfig, inp: StudentInputs, pool: Pool) -> Any:
+    """The StudentData of the label pool (stored batches replayed per epoch) and the real val set."""
+    from lpld.data import build_dataset
+    from lpld.data.transforms import eval_transform
+    from lpld.lit.student_module import StudentData
+
     val = build_dataset(cfg.dataset, "val", transform=eval_transform(cfg.dataset))
-    data = StudentData(
-        store,
+    nw = cfg.stage.get("num_workers")
+    return StudentData(
+        inp.store,
         pool.rows,
-        bpe,
-        st["granularity"],
+        int(inp.manifest["batches_per_epoch"]),
+        inp.settings["granularity"],
         int(cfg.seed),
-        accumulate=accumulate,
+        accumulate=int(inp.settings["accumulate"]),
         val_dataset=val,
         val_batch_size=int(cfg.stage.get("val_batch_size", 256)),
-        num_workers=num_workers(cfg) if cfg.stage.get("num_workers") is None else int(cfg.stage.num_workers),
+        num_workers=num_workers(cfg) if nw is None else int(nw),
         val_num_workers=num_workers(cfg),
     )
-    # save_top_k=1 without a monitor keeps the newest epoch file; Lightning >= 2.6 writes last.ckpt only
-    # in a step that also saved a top-k checkpoint, so save_top_k=0 would never write it.
-    ckpt = ModelCheckpoint(
-        dirpath=str(run_dir),
-        filename="epoch{epoch}",
-        save_last=True,
-        save_top_k=1,
-        every_n_epochs=max(1, int(cfg.stage.get("ckpt_every", 1))),
-        auto_insert_metric_name=False,
-        save_on_train_epoch_end=True,
-    )
-    last = run_dir / "last.ckpt"
-    resume = str(last) if last.exists() else None
-    if resume and not checkpoint_readable(last):
-        raise ArtifactError(
-            f"student checkpoint {last} is truncated or corrupt (an interrupted write or a full disk); rerun the "
-            "same command with stage.overwrite=true to retrain this student from scratch (the old run folder is "
-            f"kept as {run_dir.name}.replaced until the new run finishes)"
-        )
-    if resume:
-        log.info("resuming student training from %s", last)
+
+
+def train(cfg: DictConfig, inp: StudentInputs, module: Any, data: Any, files: RunFiles) -> tuple[Any, dict, float]:
+    """Fit (resuming from ``run_dir/last.ckpt``), then validate once; returns (trainer, val metrics, fit seconds)."""
+    from lpld.lit.fit import fit_with_resume, resumable_checkpoint
+
+    st, run_dir = inp.settings, files.run_dir
+    ckpt = resumable_checkpoint(run_dir, int(cfg.stage.get("ckpt_every", 1)), save_on_train_epoch_end=True)
     val_every = int(cfg.stage.get("val_every", 10))
-    logger = build_logger(cfg, "student", name=f"student-{spec.name}-{cfg.recover.name}-ipc{cfg.ipc}-{run_key}")
+    name = f"student-{inp.spec.name}-{cfg.recover.name}-ipc{cfg.ipc}-{files.run_key}"
+    logger = build_logger(cfg, "student", name=name)
     t0 = time.perf_counter()
     try:
         trainer = build_trainer(
@@ -544,35 +453,59 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             logger=logger,
             callbacks=[ckpt, *extra_callbacks],
             max_epochs=st["epochs"],
-            accumulate_grad_batches=accumulate,
+            accumulate_grad_batches=int(st["accumulate"]),
             reload_dataloaders_every_n_epochs=1,
             use_distributed_sampler=False,
             check_val_every_n_epoch=val_every if val_every > 0 else st["epochs"] + 1,
         )
-        try:
-            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
-        except (OSError, RuntimeError) as e:
-            if _disk_full(e):
-                removed = remove_partial_checkpoints(run_dir)
-                raise ArtifactError(
-                    f"the disk holding {run_dir} filled up while training the student (removed "
-                    f"{len(removed)} partial checkpoint file(s); complete checkpoints are kept); free some space or "
-                    "point paths.artifacts at a larger volume, then rerun the same command to resume"
-                ) from e
-            raise
-        if trainer.interrupted:
-            raise RuntimeError(f"student training was interrupted; rerun the same command to resume from {last}")
+        fit_with_resume(
+            trainer,
+            module,
+            run_dir,
+            datamodule=data,
+            what="student",
+            check_resume=lambda last: _check_checkpoint(last, run_dir),
+            on_error=lambda e: _raise_if_disk_full(e, run_dir),
+        )
         fit_s = time.perf_counter() - t0
         evaluator = build_trainer(cfg, logger=False, use_distributed_sampler=False, enable_progress_bar=False)
         res = evaluator.validate(module, datamodule=data, verbose=False)[0]
     finally:
         finish_logger(logger)
-    top1, top5 = float(res["val/top1"]), float(res["val/top5"])
-    record = {
+    return trainer, res, fit_s
+
+
+def _check_checkpoint(last: Path, run_dir: Path) -> None:
+    if not checkpoint_readable(last):
+        raise ArtifactError(
+            f"student checkpoint {last} is truncated or corrupt (an interrupted write or a full disk); rerun the "
+            "same command with stage.overwrite=true to retrain this student from scratch (the old run folder is "
+            f"kept as {run_dir.name}.replaced until the new run finishes)"
+        )
+
+
+def _raise_if_disk_full(e: BaseException, run_dir: Path) -> None:
+    if _disk_full(e):
+        removed = remove_partial_checkpoints(run_dir)
+        raise ArtifactError(
+            f"the disk holding {run_dir} filled up while training the student (removed "
+            f"{len(removed)} partial checkpoint file(s); complete checkpoints are kept); free some space or "
+            "point paths.artifacts at a larger volume, then rerun the same command to resume"
+        ) from e
+
+
+def build_record(
+    cfg: DictConfig, inp: StudentInputs, pool: Pool, files: RunFiles, res: dict[str, Any], fit_s: float, trainer: Any
+) -> dict[str, Any]:
+    """The results record of a finished run (``lpld.report.records``): accuracy, storage, pool and config."""
+    from lpld.core.storage_accounting import image_bytes as raw_image_bytes
+
+    man, images = inp.manifest, inp.images
+    return {
         "config": to_container(cfg),
         "method": str(cfg.recover.name),
-        "dataset": spec.name,
-        "teacher": paths.teacher_key(cfg),
+        "dataset": inp.spec.name,
+        "teacher": teacher_artifact.teacher_name(cfg),
         "ipc": int(cfg.ipc),
         "seed": int(cfg.seed),
         "prune": {
@@ -585,37 +518,67 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "store_prune": man["prune"],
         },
         "quant": dict(man["quant"]),
-        "metric": metric,
-        "student_model": model_cfg["name"],
-        "student": st,
+        "metric": inp.metric,
+        "student_model": inp.model_cfg["name"],
+        "student": inp.settings,
         "image_bytes": raw_image_bytes(images.shape[0], images.shape[1], images.shape[2]),
-        "image_file_bytes": int(sum(p.stat().st_size for p in Path(images_dir).rglob("*.png"))),
+        "image_file_bytes": int(sum(p.stat().st_size for p in Path(inp.images_dir).rglob("*.png"))),
         "label_bytes": pool.label_bytes,
         "label_only_bytes": pool.label_only_bytes,
-        "label_bytes_1x": full_store_bytes(store),
-        "compression_vs_1x": full_store_bytes(store) / max(1, pool.label_bytes),
-        "top1": top1,
-        "top5": top5,
-        "epochs": int(st["epochs"]),
+        "label_bytes_1x": full_store_bytes(inp.store),
+        "compression_vs_1x": full_store_bytes(inp.store) / max(1, pool.label_bytes),
+        "top1": float(res["val/top1"]),
+        "top5": float(res["val/top5"]),
+        "epochs": int(inp.settings["epochs"]),
         "wall_time_s": float(fit_s),
-        "run_key": run_key,
-        "store_dir": str(store_dir),
+        "run_key": files.run_key,
+        "store_dir": str(inp.store_dir),
         "pool_batches": int(len(pool.rows)),
         # the recipe at this world size: ranks split each stored batch, so the global batch is the store's
         "world_size": _world_size(cfg),
         "global_batch": int(man["batch_size"]),
         **_epoch_accounting(trainer),
     }
+
+
+def finish_run(files: RunFiles, record: dict[str, Any]) -> None:
+    """Rank 0: the record (replacing an overwritten run's), final.json, then drop the replaced run and the lock."""
+    put_record(files.results_file, record)  # replaces this run_key's record if an overwritten run left one
+    final = {
+        "top1": record["top1"],
+        "top5": record["top5"],
+        "results_file": str(files.results_file),
+        "run_key": files.run_key,
+        "record": record,
+    }
+    atomic_write_json(files.final, final)
+    drop_aside(files.run_dir)  # stage.overwrite=true: the replaced run goes only now
+    release_lock(files.run_dir)
+    log.info("student %s: top1 %.4f top5 %.4f -> %s", files.run_key, record["top1"], record["top5"], files.results_file)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume, or reuse) the student of this config and record its accuracy; returns top-1 / top-5."""
+    from lpld import dist
+
+    # per-rank launches (torchrun / srun): form the process group now and export RANK, so every rank-0-only
+    # step below (locks, moving a run aside, writing the record) knows its rank
+    dist.ensure_group(dist.accelerator_of(cfg))
+    inp = load_inputs(cfg)
+    files = run_files(cfg, inp)
+    done = finished_run(cfg, files)
+    if done is not None:
+        log.info("student %s already finished (top1 %.4f); stage.overwrite=true retrains", files.run_key, done["top1"])
+        return {"top1": done["top1"], "top5": done["top5"], "reused": True}
+    pool = build_pool(cfg, inp.store, inp.labels)
+    module = build_module(cfg, inp)
+    data = build_data(cfg, inp, pool)
+    trainer, res, fit_s = train(cfg, inp, module, data, files)
+    record = build_record(cfg, inp, pool, files, res, fit_s, trainer)
     if trainer.is_global_zero:
-        out = results_out
-        put_record(out, record)  # replaces this run_key's record if an overwritten run left one
-        final = {"top1": top1, "top5": top5, "results_file": str(out), "run_key": run_key, "record": record}
-        atomic_write_json(final_path, final)
-        drop_aside(run_dir)  # stage.overwrite=true: the replaced run goes only now
-        release_lock(run_dir)
-        log.info("student %s: top1 %.4f top5 %.4f -> %s", run_key, top1, top5, out)
+        finish_run(files, record)
     dist.barrier()  # per-rank launches: no rank moves on (e.g. to stage=report) before the record exists
-    return {"top1": top1, "top5": top5}
+    return {"top1": record["top1"], "top5": record["top5"]}
 
 
 def _world_size(cfg: DictConfig) -> int:
@@ -647,21 +610,12 @@ def _epoch_accounting(trainer: Any) -> dict[str, Any]:
 
 def _teacher_fingerprint(cfg: DictConfig) -> str | None:
     """The current teacher's fingerprint (images made by another teacher are refused), None if unknown."""
-    from lpld.stages.common import read_teacher_file
-
-    if cfg.model.get("checkpoint") or cfg.model.get("pretrained"):
-        from lpld.stages.common import load_teacher
-
-        return load_teacher(cfg)[1]
-    p = paths.teacher_weights_path(cfg)
-    if not p.exists():
-        return None
-    return read_teacher_file(p).get("fingerprint")
+    return teacher_artifact.fingerprint(cfg)
 
 
 def _ensure_record(out: Path, done: dict[str, Any], cfg: DictConfig) -> None:
     """A finished run's record in the requested results file: written from final.json when missing there."""
-    from lpld.core.results import load_records
+    from lpld.report.records import load_records
 
     run_key = done.get("run_key")
     if out.exists() and any(r.get("run_key") == run_key for r in load_records(out)):
@@ -681,34 +635,11 @@ def _ensure_record(out: Path, done: dict[str, Any], cfg: DictConfig) -> None:
 
 
 def put_record(path: Path, record: dict[str, Any]) -> None:
-    """Add ``record`` to a results file, replacing any record of the same ``run_key`` (under the file's lock).
+    """Add ``record`` to a results file, replacing any record of the same ``run_key`` (a retrained run never
+    leaves two records; ``lpld.report.records.replace_record``)."""
+    from lpld.report.records import replace_record
 
-    A retrained run (``stage.overwrite=true``) thus never leaves two records; other lines are kept byte for byte.
-    """
-    import fcntl
-    import json
-
-    from lpld.core.io import atomic_write_bytes
-    from lpld.core.results import append_record
-
-    if not path.exists():
-        append_record(path, record)
-        return
-    with open(path.with_name(path.name + ".lock"), "a+") as lock:  # the lock append_record takes
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            kept = []
-            for raw in path.read_bytes().splitlines():
-                try:
-                    same = json.loads(raw).get("run_key") == record["run_key"]
-                except (json.JSONDecodeError, AttributeError):
-                    same = False
-                if not same and raw.strip():
-                    kept.append(raw + b"\n")
-            atomic_write_bytes(path, b"".join(kept))
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    append_record(path, record)
+    replace_record(path, record)
 
 
 def checkpoint_readable(path: Path) -> bool:

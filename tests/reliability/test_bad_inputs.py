@@ -308,7 +308,7 @@ CASES: list[tuple[str, Callable, type, list[str]]] = [
         ArtifactError,
         ["prune=100x", "lower ratio"],
     ),
-    ("relabel stage.epochs=0", lambda c, t: small_spec(epochs=0), ValueError, ["epochs > 0", "stage.epochs"]),
+    ("relabel relabel.epochs=0", lambda c, t: small_spec(epochs=0), ValueError, ["epochs > 0", "relabel.epochs"]),
     # label store artifacts
     ("no store", lambda c, t: LabelStore.open(t / "nope"), ArtifactError, ["nope", "run stage=relabel"]),
     (

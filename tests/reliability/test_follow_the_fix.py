@@ -17,7 +17,7 @@ import torch
 from lpld import paths
 from lpld.core.io import ArtifactError, aside_path
 from lpld.core.label_store import LabelStore
-from lpld.core.results import load_records
+from lpld.report.records import load_records
 from lpld.stages import ConfigError, dispatch
 
 from .helpers import compose_cfg, save_random_teacher, stage_overrides, student_cfg
@@ -147,7 +147,7 @@ def test_unreachable_prune_ratio_is_refused_and_a_lower_one_works(tmp_path):
     ov = stage_overrides(tmp_path)
     with pytest.raises(ArtifactError, match=r"prune=100x asks for 100\.0x .*choose a lower ratio") as ei:
         dispatch(compose_cfg(["stage=relabel", *ov, "prune=100x"]))
-    assert "stage.epochs" in str(ei.value)
+    assert "relabel.epochs" in str(ei.value)
     dispatch(compose_cfg(["stage=relabel", *ov, "prune=10x"]))  # 3 batches x 3 epochs: keeps 1 = 9x, within 4x
 
 
@@ -166,9 +166,10 @@ def test_recover_iterations_zero_is_refused_and_the_fix_works(tmp_path):
     save_random_teacher(cfg)
     with pytest.raises(ConfigError, match=r"recover\.iterations.*recover\.iterations=1000"):
         dispatch(cfg)
-    assert not paths.images_dir(cfg).exists()  # nothing marked complete
-    dispatch(compose_cfg(["stage=recover", *ov, "recover=sre2l", "recover.iterations=2"]))
-    assert json.loads((paths.images_dir(cfg) / "manifest.json").read_text())["complete"]
+    fixed = compose_cfg(["stage=recover", *ov, "recover=sre2l", "recover.iterations=2"])
+    assert not paths.images_dir(fixed).parent.exists()  # nothing written
+    dispatch(fixed)
+    assert json.loads((paths.images_dir(fixed) / "manifest.json").read_text())["complete"]
 
 
 def test_stats_from_another_teacher_names_the_recover_key_and_it_works(tmp_path):

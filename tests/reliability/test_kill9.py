@@ -134,7 +134,7 @@ def test_kill9_relabel(root):
     rc = compose_cfg(["stage=recover", *base])
     save_random_teacher(rc)
     dispatch(rc)
-    ov = ["stage=relabel", *base, "stage.epochs=400", "stage.chunk=1"]
+    ov = ["stage=relabel", *base, "relabel.epochs=400", "stage.chunk=1"]
     from lpld.stages.relabel import store_path
 
     d = store_path(compose_cfg(ov))
@@ -171,6 +171,6 @@ def test_kill9_student(root):
     assert rc_kill == -signal.SIGKILL
     run_cli(root, ov)
     assert weights(d) == ref
-    from lpld.core.results import load_records
+    from lpld.report.records import load_records
 
     assert len(load_records(paths.results_dir(rc) / "results.jsonl")) == 1

@@ -104,3 +104,35 @@ def load_records(path_or_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ArtifactError(f"{f}:{i} is not a JSON record ({e}); remove that line") from e
             out.append(rec)
     return out
+
+
+def replace_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Add ``record`` to a results file, replacing any record of the same ``run_key`` (under the file's lock).
+
+    A retrained run (``stage.overwrite=true``) thus never leaves two records; other lines are kept byte for byte.
+
+    Args:
+        path: the ``.jsonl`` results file.
+        record: the run's record (``run_key`` and every key of REQUIRED_FIELDS).
+
+    Returns:
+        The file written.
+    """
+    path = Path(path)
+    if not path.exists():
+        return append_record(path, record)
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:  # the lock append_record takes
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            kept = []
+            for raw in path.read_bytes().splitlines():
+                try:
+                    same = json.loads(raw).get("run_key") == record["run_key"]
+                except (json.JSONDecodeError, AttributeError):
+                    same = False
+                if not same and raw.strip():
+                    kept.append(raw + b"\n")
+            atomic_write_bytes(path, b"".join(kept))
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return append_record(path, record)

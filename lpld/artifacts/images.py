@@ -1,0 +1,158 @@
+"""Distilled images: ``<teacher base>/images/<method>_ipc<ipc>_seed<seed>_<8 hex>/`` (stage=recover writes
+PNGs + manifest.json; relabel, student and analyze read them).
+
+Identity: the resolved recover settings (method, iterations, lr, BN-matching weights, priors, jitter,
+crop / flip, precision, method-specific knobs), ipc, seed, the teacher key and the stats the synthesis
+matches (their key, or an explicit ``recover.stats_path``). Not: how classes are split over device
+batches or over jobs (``classes_per_batch``, ``class_start``/``class_end``), which changes no image.
+Inside the folder, ``manifest.json``'s ``config_fingerprint`` (content: teacher and stats fingerprints)
+still refuses a folder written from other inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from lpld.artifacts import stats, teacher
+from lpld.artifacts.base import get, root, sign
+from lpld.core.images import MANIFEST, list_pngs, read_manifest
+from lpld.core.io import ArtifactError, acquire_lock, atomic_write_json, move_aside
+from lpld.core.recover_job import RecoverJob, base_manifest
+
+
+@dataclass(frozen=True)
+class ImagesSpec:
+    dataset: str
+    teacher: str  # teacher key
+    method: str
+    ipc: int
+    seed: int
+    settings: dict[str, Any]  # lpld.config.recover_settings
+    stats: str | None  # stats key, "file:<path>" for recover.stats_path, None for methods without class stats
+
+    def key(self) -> str:
+        return f"{self.method}_ipc{self.ipc}_seed{self.seed}_{sign(self.__dict__)}"
+
+    def path(self, artifacts: Path) -> Path:
+        return Path(artifacts) / self.dataset / self.teacher / "images" / self.key()
+
+
+def _stats_ref(cfg: DictConfig, method: str) -> str | None:
+    """What the synthesis matches: the stats key (``recover.stats_path``: that file), None without class stats."""
+    from lpld.config import recover_methods
+
+    if not recover_methods()[method].get("classwise"):
+        return None
+    explicit = get(cfg, "recover.stats_path")
+    return f"file:{Path(str(explicit)).expanduser().resolve()}" if explicit else stats.spec(cfg).key()
+
+
+def spec(cfg: DictConfig) -> ImagesSpec:
+    from lpld.config import recover_settings
+
+    s = recover_settings(cfg)
+    return ImagesSpec(
+        dataset=str(cfg.dataset.name),
+        teacher=teacher.key(cfg),
+        method=str(s["name"]),
+        ipc=int(cfg.ipc),
+        seed=int(cfg.seed),
+        settings=dict(s),
+        stats=_stats_ref(cfg, str(s["name"])),
+    )
+
+
+def with_method(cfg: DictConfig, method: str) -> DictConfig:
+    """``cfg`` as the command ``recover=<method>`` composes it: the run's own method keeps its node (command-line
+    ``recover.*`` knobs included), another method gets its group option's knobs (its images were made by
+    ``stage=recover recover=<method>``; images made with other knobs are named with ``stage.image_dirs``)."""
+    if str(cfg.recover.name) == method:
+        return cfg
+    from lpld.config.compose import group_option
+
+    sub = cfg.copy()
+    with open_dict(sub):
+        sub.recover = group_option("recover", method, "stage.methods")
+    return sub
+
+
+def key(cfg: DictConfig) -> str:
+    return spec(cfg).key()
+
+
+def path(cfg: DictConfig) -> Path:
+    return spec(cfg).path(root(cfg))
+
+
+def open(  # noqa: A001 - artifacts.images.open(cfg), like the other artifacts
+    cfg: DictConfig, teacher_fingerprint: str | None, allow_other_teacher: bool = False, verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(uint8 images (N, C, H, W), labels (N,), manifest) of this config, checked against the manifest's
+    fingerprints and the teacher (``lpld.core.images.load_distilled``; each refusal names the fix)."""
+    from lpld.core.images import load_distilled
+
+    return load_distilled(
+        path(cfg),
+        expect_teacher_fingerprint=teacher_fingerprint,
+        allow_other_teacher=allow_other_teacher,
+        verify=verify,
+    )
+
+
+def verify(cfg: DictConfig) -> None:
+    """Raise ArtifactError naming any PNG that differs from the manifest's per-file hashes."""
+    from lpld.core.images import check_image_files, list_pngs, read_manifest
+    from lpld.core.io import ArtifactError
+
+    p = path(cfg)
+    man = read_manifest(p)
+    if man is None:
+        raise ArtifactError(f"no distilled images at {p} (manifest.json missing); run `python run.py stage=recover`")
+    check_image_files(p, man, list_pngs(p))
+
+
+def prepare(job: RecoverJob, overwrite: bool) -> str:
+    """The producer's decision for ``job.out_dir`` (stage=recover, rank 0): 'fresh', 'resume' or 'done'.
+
+    Takes the folder's OS lock (released when the images are complete, or at exit); a folder of another config
+    is refused unless ``overwrite``, which moves it aside until the new images are complete.
+
+    Raises:
+        ArtifactError: the folder holds images from a different config (or images without a
+            manifest) and ``overwrite`` is false.
+    """
+    out = Path(job.out_dir)
+    acquire_lock(out, "distilled images")  # one writer per images folder (released when complete / at exit)
+    man = read_manifest(out) if out.exists() else None
+    has_pngs = bool(list_pngs(out))
+    if man is None and not has_pngs:
+        state = "fresh"
+    elif man is not None and man.get("config_fingerprint") == job.config_fingerprint and not overwrite:
+        state = "done" if man.get("complete") else "resume"
+    elif not overwrite:
+        what = (
+            (
+                f"images from a different config (method {man.get('method')}, teacher "
+                f"{man.get('teacher_fingerprint')}, config {man.get('config_fingerprint')})"
+            )
+            if man
+            else ("PNG images without a manifest")
+        )
+        raise ArtifactError(
+            f"{out} holds {what}; this run's config is {job.config_fingerprint}. Pass recover.overwrite=true to "
+            "replace them, or change seed/ipc/method so the run gets its own folder"
+        )
+    else:
+        move_aside(out)  # kept as <folder>.replaced until the new images are complete (finalize_manifest)
+        state = "fresh"
+    if state == "fresh":
+        out.mkdir(parents=True, exist_ok=True)
+        man = base_manifest(job)
+        man.update(per_class_loss={}, classes_done=0, complete=False, images_fingerprint=None)
+        atomic_write_json(out / MANIFEST, man)
+    return state

@@ -1,0 +1,192 @@
+"""The teacher: ``<artifacts>/<dataset>/<teacher key>/teacher/teacher.pt`` (written by stage=squeeze).
+
+Identity: the model config (architecture, width, norm, checkpoint / pretrained source), the dataset's
+identity (not its root: moving the data must not retrain) and ``teacher_seed``. The squeeze schedule
+(``stage.epochs``, ``stage.lr``, ...) is a producer-only knob that the consuming stages cannot see; it
+is recorded in ``teacher.pt`` as ``config_fingerprint`` and squeeze refuses to reuse a teacher trained
+with another schedule (``stage.overwrite=true`` or ``model.tag=<name>``), so it is not silently reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lpld.artifacts.base import get, plain, root, sign
+from lpld.core.io import ArtifactError, fingerprint_state_dict
+
+FILE = "teacher.pt"
+# dataset keys that name where the data is, not what it is
+_NOT_IDENTITY = ("recipe", "root", "download")
+
+
+def teacher_name(cfg: Any) -> str:
+    """Readable teacher name: model name, plus ``-<tag>`` for published / external weights (or
+    ``-pretrained``), plus ``-s<teacher_seed>`` for a teacher trained with a non-zero ``teacher_seed``."""
+    name = str(cfg.model.name)
+    tag = get(cfg, "model.tag")
+    if tag:
+        name = f"{name}-{tag}"
+    elif get(cfg, "model.pretrained", False):
+        return f"{name}-pretrained"
+    tseed = int(get(cfg, "teacher_seed", 0) or 0)
+    if tseed and not get(cfg, "model.checkpoint"):
+        name = f"{name}-s{tseed}"
+    return name
+
+
+def dataset_identity(cfg: Any) -> dict[str, Any]:
+    """The dataset config without where it lives (root, download) and without later stages' recipes."""
+    return {k: v for k, v in (plain(cfg.dataset) or {}).items() if k not in _NOT_IDENTITY}
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Resolved values that determine the teacher's weights (and every artifact made with it)."""
+
+    dataset: str
+    name: str  # readable: model name (+ tag / -pretrained / -s<teacher_seed>)
+    model: dict[str, Any]
+    data: dict[str, Any]
+    teacher_seed: int
+
+    def key(self) -> str:
+        return f"{self.name}-{sign(self.__dict__)}"
+
+    def dir(self, artifacts: Path) -> Path:
+        """The teacher's folder (squeeze's ``last.ckpt`` and ``teacher.pt``)."""
+        return Path(artifacts) / self.dataset / self.key() / "teacher"
+
+    def path(self, artifacts: Path) -> Path:
+        return self.dir(artifacts) / FILE
+
+    def base(self, artifacts: Path) -> Path:
+        """``<artifacts>/<dataset>/<teacher key>``: stats, images, labels and students of this teacher."""
+        return Path(artifacts) / self.dataset / self.key()
+
+
+def spec(cfg: DictConfig) -> TeacherSpec:
+    tseed = int(get(cfg, "teacher_seed", 0) or 0)
+    given = bool(get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False))
+    return TeacherSpec(
+        dataset=str(cfg.dataset.name),
+        name=teacher_name(cfg),
+        model=plain(cfg.model),
+        data=dataset_identity(cfg),
+        teacher_seed=0 if given else tseed,  # given weights do not depend on a training seed
+    )
+
+
+def key(cfg: DictConfig) -> str:
+    return spec(cfg).key()
+
+
+def base_dir(cfg: DictConfig) -> Path:
+    """``<artifacts>/<dataset>/<teacher key>``: where this teacher's downstream artifacts live."""
+    return spec(cfg).base(root(cfg))
+
+
+def dir(cfg: DictConfig) -> Path:  # noqa: A001 - the module is the namespace: artifacts.teacher.dir(cfg)
+    return spec(cfg).dir(root(cfg))
+
+
+def path(cfg: DictConfig) -> Path:
+    """Final teacher weights written by squeeze (``model.checkpoint`` overrides where it is read)."""
+    return spec(cfg).path(root(cfg))
+
+
+def read(path: Path) -> dict[str, Any]:
+    """Read squeeze's teacher.pt ({state_dict, fingerprint, model, dataset, ...}) as plain tensors."""
+    fix = (
+        "retrain it: rerun stage=squeeze with stage.overwrite=true and the same dataset/model overrides "
+        "(`python run.py stage=squeeze stage.overwrite=true ...`; the old teacher folder is kept as teacher.replaced "
+        "until the new teacher is written)"
+    )
+    try:
+        # weights_only: tensors and plain containers only, so a tampered file cannot run code when it is read
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle opcode, refused global: all unusable
+        raise ArtifactError(f"teacher weights {path} are corrupt or not a plain weights file ({e}); {fix}") from e
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise ArtifactError(f"{path} is not a teacher file written by stage=squeeze; {fix}")
+    return blob
+
+
+def build(cfg: DictConfig) -> torch.nn.Module:
+    """The teacher architecture for this dataset (weights per model.pretrained / model.checkpoint)."""
+    from lpld.models import build_model
+
+    d = cfg.dataset
+    return build_model(cfg.model, num_classes=int(d.num_classes), in_chans=int(d.channels), img_size=int(d.image_size))
+
+
+def load(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
+    """The teacher in eval mode (no grads) and its fingerprint (sha256 over its weights).
+
+    Source, in order: ``model.checkpoint`` (a local file), ``model.pretrained`` (published
+    weights), else the teacher trained by ``stage=squeeze`` at :func:`path`.
+    """
+    if get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False):
+        model = build(cfg)  # the registry loads the checkpoint / published weights
+    else:
+        p = path(cfg)
+        if not p.exists():
+            raise ArtifactError(
+                f"no teacher at {p}. Train one with `python run.py stage=squeeze dataset={cfg.dataset.name} "
+                f"model={cfg.model.name}`, or set model.checkpoint=/path/to/weights.pt or model.pretrained=true"
+            )
+        blob = read(p)
+        model = build(cfg)
+        try:
+            model.load_state_dict(blob["state_dict"])
+        except RuntimeError as e:
+            raise ArtifactError(
+                f"teacher at {p} does not fit model={cfg.model.name} for dataset={cfg.dataset.name}: {e}"
+            ) from e
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model, fingerprint_state_dict(model.state_dict())
+
+
+def fingerprint(cfg: DictConfig) -> str | None:
+    """The teacher's fingerprint without building it when squeeze wrote it (None: no teacher yet)."""
+    if get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False):
+        return load(cfg)[1]
+    p = path(cfg)
+    return read(p).get("fingerprint") if p.exists() else None
+
+
+def prepare(cfg: DictConfig, config_fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    """Rank 0 of stage=squeeze: the finished teacher's val metrics (reuse), or None (train / resume).
+
+    Takes the teacher folder's lock (released here on reuse, else by squeeze when the teacher is written).
+    ``config_fingerprint`` signs the squeeze schedule, which consumers cannot see (not in the key): a finished
+    teacher trained with another schedule is refused, never silently reused.
+
+    Raises:
+        ArtifactError: the finished teacher was trained from another config and ``overwrite`` is false.
+    """
+    from lpld.core.io import acquire_lock, move_aside, release_lock
+
+    out_dir, weights = dir(cfg), path(cfg)
+    acquire_lock(out_dir, "teacher")  # one writer per teacher folder (released when done, or at exit)
+    if weights.exists() and not overwrite:
+        blob = read(weights)
+        if blob.get("config_fingerprint") == config_fingerprint:
+            release_lock(out_dir)
+            return dict(blob["val"])
+        raise ArtifactError(
+            f"{weights} holds a teacher trained with a different recipe/config (fingerprint "
+            f"{blob.get('config_fingerprint')} vs {config_fingerprint}). Rerun with stage.overwrite=true to retrain "
+            "it, or set model.tag=<name> to keep both"
+        )
+    if overwrite and out_dir.exists():
+        # start over (no resume from its last.ckpt); the old folder is kept as teacher.replaced until the new
+        # teacher.pt is written
+        move_aside(out_dir)
+    return None

@@ -1,0 +1,25 @@
+"""Resolved knobs of stage=squeeze (the teacher's training recipe)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lpld.config.precedence import Knobs, dataset_recipe, node_get
+from lpld.config.schema import SqueezeStage
+
+
+def squeeze_settings(cfg: Any) -> dict[str, Any]:
+    """The teacher's training recipe: ``stage.<key>`` (under stage=squeeze) > dataset ``recipe.squeeze`` >
+    schema default. Other stages (which check a teacher) see the recipe: their stage node is not squeeze's."""
+    node = cfg.stage if str(node_get(node_get(cfg, "stage"), "name")) == "squeeze" else None
+    k = Knobs(node, dataset_recipe(cfg, "squeeze"), SqueezeStage)
+    return {
+        "name": str(k.get("optimizer")),
+        "epochs": int(k.get("epochs")),
+        "batch_size": int(k.get("batch_size")),
+        "lr": float(k.get("lr")),
+        "weight_decay": float(k.get("weight_decay")),
+        "momentum": float(k.get("momentum")),
+        "warmup_epochs": float(k.get("warmup_epochs")),
+        "label_smoothing": float(k.get("label_smoothing")),
+    }

@@ -1,0 +1,130 @@
+"""Resolved knobs of stage=student (LPLD "validate"; LPQLD's DKR and CA), validated once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lpld.config.precedence import Knobs, dataset_recipe, node_get
+from lpld.config.schema import StudentConf
+from lpld.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd", "adam")  # lpld.lit.student_module.configure_optimizers
+LR_SCHEDULERS = ("cosine", "smooth_cosine", "constant")  # smooth_cosine: RDED/LPLD --smoothing_lr
+
+
+def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Resolved student knobs: ``student.<key>`` > ipc_table > dataset ``recipe.student`` > schema default.
+
+    Args:
+        cfg: the composed config.
+        store_manifest: the label store's manifest. Its epochs are the fallback of ``student.epochs`` when the
+            recipe has none, its granularity that of ``student.granularity`` and its quant mode is checked
+            against ``loss=mse_gt``. Without it (planning, logging), the relabel knobs and ``prune`` / ``quant``
+            of this config stand in: they are what the store of this config is made from.
+
+    Raises:
+        ConfigError: an unknown choice or an out-of-range number, naming the key.
+    """
+    from lpld.data.config import to_plain
+
+    k = Knobs(node_get(cfg, "student"), dataset_recipe(cfg, "student"), StudentConf)
+    man = store_manifest if store_manifest is not None else _manifest_of_config(cfg)
+    epochs = k.get("epochs")
+    out = {
+        "epochs": int(man.get("epochs") if epochs is None else epochs),
+        "optimizer": str(k.get("optimizer")),
+        "lr": float(k.get("lr")),
+        "weight_decay": float(k.get("weight_decay")),
+        # official students decay only weight matrices / kernels (utils.get_parameters); false = decay all
+        "wd_exclude_bn_bias": bool(k.get("wd_exclude_bn_bias")),
+        "momentum": float(k.get("momentum")),
+        "warmup_epochs": float(k.get("warmup_epochs")),
+        "warmup_start": float(k.get("warmup_start")),
+        "scheduler": str(k.get("scheduler")),
+        "label_smoothing": float(k.get("label_smoothing")),
+        "loss": str(k.get("loss")),
+        "gamma": float(k.get("gamma")),
+        "mse_target": str(k.get("mse_target")),  # mse_gt: G-VBSM's raw logits (official) | probs
+        "smoothing_space": str(k.get("smoothing_space")),  # label smoothing on probs | logits (in21k)
+        "kd_t2": bool(k.get("kd_t2")),
+        "temperature": float(k.get("temperature")),
+        "temp_schedule": str(k.get("temp_schedule")),
+        "temp_step_size": int(k.get("temp_step_size")),
+        "temp_gamma": float(k.get("temp_gamma")),
+        "temp_floor": float(k.get("temp_floor")),
+        "temp_min": float(k.get("temp_min")),
+        "temp_epoch_base": int(k.get("temp_epoch_base")),  # DKR: 1-based epochs as the public LPQLD code
+        "ca": str(k.get("ca")),
+        "ca_value": float(k.get("ca_value")),
+        "ca_grid": [float(v) for v in to_plain(k.get("ca_grid"))],
+        "granularity": str(node_get(cfg.student, "granularity") or man.get("granularity") or "batch"),
+        "accumulate": int(k.get("accumulate")),
+        "ema_decay": float(k.get("ema_decay")),
+        "batch_size": node_get(cfg.student, "batch_size"),  # the store's batch (checked against it)
+    }
+    _validate(out)
+    qmode = str((man.get("quant") or {}).get("mode", "none"))
+    if out["loss"] == "mse_gt" and out["mse_target"] == "logits" and qmode != "none":
+        raise ConfigError(
+            f"student.loss=mse_gt matches the teacher's full logits (G-VBSM), but this label store is quant={qmode}; "
+            "relabel with quant=none, or set student.mse_target=probs (MSE between distributions)"
+        )
+    return out
+
+
+def _manifest_of_config(cfg: Any) -> dict[str, Any]:
+    """What the store of this config will record (epochs, granularity, quant mode), without opening it."""
+    from lpld.config.relabel import quant_settings, relabel_settings
+
+    epochs = relabel_settings(cfg)["epochs"]
+    if epochs is None:
+        raise ConfigError("student needs epochs: set student.epochs (or relabel.epochs) or a dataset recipe")
+    prune = node_get(cfg, "prune")
+    return {"epochs": epochs, "granularity": node_get(prune, "granularity"), "quant": quant_settings(cfg)}
+
+
+def _validate(st: dict[str, Any]) -> None:
+    """Every choice and range of the student knobs, checked once (the LightningModule trusts them)."""
+    from lpld.core.kd_loss import MSE_TARGETS, SMOOTHING_SPACES, list_student_losses
+    from lpld.core.label_pool import GRANULARITIES
+    from lpld.core.temperature import CA_MODES, SCHEDULES
+
+    checks = [
+        ("loss", list_student_losses()),
+        ("temp_schedule", SCHEDULES),
+        ("ca", CA_MODES),
+        ("granularity", GRANULARITIES),
+        ("mse_target", MSE_TARGETS),
+        ("smoothing_space", SMOOTHING_SPACES),
+        ("optimizer", OPTIMIZERS),
+        ("scheduler", LR_SCHEDULERS),
+    ]
+    for key, valid in checks:
+        if (st[key].lower() if key == "optimizer" else st[key]) not in valid:
+            raise ConfigError(f"unknown student.{key}={st[key]!r}; valid: {', '.join(valid)}")
+    if st["epochs"] < 1:
+        raise ConfigError(f"student.epochs must be >= 1, got {st['epochs']}")
+    if st["accumulate"] < 1:
+        raise ConfigError(f"student.accumulate must be >= 1, got {st['accumulate']}")
+    if len(st["ca_grid"]) != 3:
+        raise ConfigError(f"student.ca_grid must be [lo, hi, n], got {st['ca_grid']}")
+
+
+def metric_settings(cfg: Any) -> dict[str, Any]:
+    """The label-pool selection (LPLD Table 5): metric name, order, easy/hard drop shares, source store."""
+    from lpld.core.label_pool import ORDERS
+    from lpld.core.prune_metrics import list_prune_metrics
+
+    m = node_get(cfg, "metric") or {"name": "random"}
+    out = {
+        "name": str(m.get("name", "random")),
+        "order": str(m.get("order", "random")),
+        "drop_easy": float(m.get("drop_easy", 0.0)),
+        "drop_hard": float(m.get("drop_hard", 0.0)),
+        "source_prune": str(m.get("source_prune", "1x")),
+    }
+    if out["name"] not in list_prune_metrics():
+        raise ConfigError(f"unknown metric={out['name']!r}; valid: {', '.join(list_prune_metrics())}")
+    if out["name"] != "random" and out["order"] not in ORDERS:
+        raise ConfigError(f"unknown metric.order={out['order']!r}; valid: {', '.join(ORDERS)}")
+    return out
