@@ -22,6 +22,7 @@ official code uses int16 and FKD used floats, which break above 2048 classes in 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -74,7 +75,7 @@ class QuantConfig:
 
 
 # ----------------------------------------------------------------------------------------------- codecs
-class LabelCodec:
+class LabelCodec(ABC):
     """One stored-label format: which arrays it stores, how it encodes logits and decodes a target.
 
     Subclasses registered with ``@register_label_codec(name)`` are what ``quant=<name>`` selects.
@@ -89,17 +90,17 @@ class LabelCodec:
     uses_k: bool = False
     keeps_logits: bool = False
 
+    @abstractmethod
     def arrays(self, cfg: QuantConfig, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-sample arrays: name -> (trailing shape, dtype)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, z: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
         """(B, C) float32 logits -> name -> tensor with leading dim B, on ``z``'s device."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, stored: Any, temperature: float, num_classes: int, gen_temperature: float | None) -> torch.Tensor:
         """A stored batch -> (B, C) float32 target probabilities at ``temperature``."""
-        raise NotImplementedError
 
 
 _CODECS: Registry[LabelCodec] = Registry("label codec (quant mode)", "quant")
@@ -144,7 +145,7 @@ class FullLogits(LabelCodec):
 
 
 class _TopK(LabelCodec):
-    """Shared storage of mr / ms: the top-k values (fp16) and their class indices."""
+    """Shared storage of mr / ms: the top-k values (fp16) and their class indices (abstract: ``ranked``)."""
 
     uses_k = True
 
@@ -152,9 +153,9 @@ class _TopK(LabelCodec):
         k = (int(cfg.k),)
         return {"topk_values": (k, np.dtype(np.float16)), "topk_indices": (k, index_dtype(num_classes))}
 
+    @abstractmethod
     def ranked(self, z: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
         """The (B, C) values whose top k are kept."""
-        raise NotImplementedError
 
     def encode(self, z: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
         vals, ind = torch.topk(self.ranked(z, cfg), int(cfg.k), dim=1, largest=True, sorted=True)
