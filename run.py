@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 import lpld.config  # noqa: F401 - registers the typed config schemas (lpld/config/schema.py) before composing
+from lpld.config.compose import composed, run_main
 from lpld.stages import dispatch, log_once, user_errors
 
 
@@ -19,10 +20,15 @@ def main(cfg: DictConfig) -> float | None:
     A user error (config, data, artifact) prints one message naming the fix and exits with status 1;
     ``LPLD_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` shows its traceback.
     """
+    composed()  # errors from here on are the stage's (a composition error was one line: run_main)
     log_once()  # Hydra has configured the root logger: Lightning's messages go through it, once
     with user_errors(cfg):
         return dispatch(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from lpld.artifacts.base import check_env_roots
+
+    with user_errors():
+        check_env_roots()  # before Hydra makes its run folder under paths.root (LPLD_ROOT= would mean /logs)
+    run_main(main)  # an unknown key or a mistyped value while composing: one line naming it

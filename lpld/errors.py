@@ -16,5 +16,14 @@ __all__ = ["ArtifactError", "ConfigError", "DatasetError", "user_error_types"]
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (config, data, artifacts): printed as one message, no traceback."""
+    """Errors that are the user's to fix (config, data, artifacts): printed as one message, no traceback.
+
+    Other user-fixable errors join these families instead of this tuple: ``PretrainedWeightsError`` (no network
+    for ``model.pretrained=true``) is a ConfigError. Errors raised by code below lpld are translated case by case
+    by ``lpld.stages.translate_error`` (``lpld.stages.error_text``): ``ReportError``, a DataLoader worker's
+    re-raise, an out-of-memory, torch's refusal of an unsafe pickle, and ``FileNotFoundError``. The last only for a
+    *user* path (below ``paths.artifacts`` or ``dataset.root``, or named by the config): FileNotFoundError is also
+    what a bug raises (a package file or temporary file lpld itself should have made), and a bug keeps its
+    traceback, which is what its report needs.
+    """
     return (ConfigError, ArtifactError, DatasetError)

@@ -76,3 +76,40 @@ def tiny_overrides(tmp_path: Path, data_root: Path, n_classes: int = 4, size: in
         f"paths.root={tmp_path}",
         "trainer.num_workers=0",
     ]
+
+
+def tiny_chain_overrides(tmp: Path, *extra: str) -> list[str]:
+    """A 4-class, 8-px imagefolder tree under ``tmp/data`` (made once) and the overrides of a seconds-long chain:
+    random-real images (ipc 3), a 2-epoch student schedule of batch 4."""
+    root = tmp / "data"
+    if not root.exists():
+        write_image_tree(root, n_classes=4, per_class=6, size=8)
+    return [
+        *tiny_overrides(tmp, root, n_classes=4, size=8),
+        "ipc=3",
+        "recover=random_real",
+        "dataset.recipe.student.epochs=2",
+        "dataset.recipe.student.batch_size=4",
+        "dataset.recipe.student.rrc_scale=[0.5,1.0]",
+        *extra,
+    ]
+
+
+def make_tiny_chain(tmp: Path, *extra: str) -> tuple[Path, list[str]]:
+    """A random teacher (saved where squeeze would), random-real images and their 1x label store, in process
+    (a few seconds); returns (tmp, overrides) for the stages that follow (student, show, report ...)."""
+    import torch
+
+    from lpld.artifacts import teacher
+    from lpld.core.io import atomic_torch_save, fingerprint_state_dict
+    from lpld.stages import run_stage
+    from lpld.stages.common import build_teacher_model
+
+    ov = tiny_chain_overrides(tmp, *extra)
+    cfg = compose_cfg(["stage=squeeze", *ov])
+    torch.manual_seed(0)
+    state = build_teacher_model(cfg).state_dict()
+    atomic_torch_save(teacher.path(cfg), {"state_dict": state, "fingerprint": fingerprint_state_dict(state), "val": {}})
+    run_stage(compose_cfg(["stage=recover", *ov]))
+    run_stage(compose_cfg(["stage=relabel", *ov]))
+    return tmp, ov

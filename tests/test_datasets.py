@@ -262,11 +262,9 @@ def test_imagefolder_errors(tmp_path):
 
 
 def _yaml_cfg(name: str, **over):
-    from omegaconf import OmegaConf
+    from conftest import compose_cfg
 
-    cfg = OmegaConf.create(
-        {"paths": {"data": "/nonexistent"}, "dataset": OmegaConf.load(CONF / "dataset" / f"{name}.yaml")}
-    )
+    cfg = compose_cfg([f"dataset={name}", "paths.data=/nonexistent"])  # the preset as Hydra composes it (schema)
     for k, v in over.items():
         cfg.dataset[k] = v
     return cfg.dataset

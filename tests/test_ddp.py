@@ -100,9 +100,9 @@ def test_student_plan_is_the_same_on_every_rank():
 
 def test_plan_stage_in1k_ipc200_and_in21k_ipc20_offline(tmp_path, capsys):
     """stage=plan computes ImageNet-scale figures from the config alone (meta device, no data, no download)."""
+    from lpld.artifacts import labels as labels_artifact
     from lpld.core.storage_accounting import predict_store
     from lpld.stages import plan
-    from lpld.stages.relabel import build_spec
 
     cfg = compose_cfg(
         [f"paths.root={tmp_path}", "logger=none", "stage=plan", "dataset=in1k", "ipc=200", "model=resnet18"]
@@ -112,7 +112,7 @@ def test_plan_stage_in1k_ipc200_and_in21k_ipc20_offline(tmp_path, capsys):
     assert p["world_size"] == 8
     n = 200 * 1000
     assert p["image_uint8_bytes"] == n * 3 * 224 * 224
-    assert p["label_store"]["bytes"] == predict_store(build_spec(cfg))["on_disk_arrays"]
+    assert p["label_store"]["bytes"] == predict_store(labels_artifact.store_spec(cfg))["on_disk_arrays"]
     # explicit records + fp16 logits: batch_ids, row_offsets, sample_index, crops, flips, mix_index, lam, box,
     # logits (+ checksums in format 2) and the manifest
     assert 10 <= p["label_store"]["files"] <= 12

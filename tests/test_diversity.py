@@ -154,11 +154,13 @@ def test_mmd_rejects_bad_input():
 
 
 def _analyze_cfg(tmp_path, **stage):
+    from conftest import compose_cfg
+
     from lpld.config.schema import AnalyzeStage
 
     cfg = OmegaConf.create(
         {
-            "dataset": OmegaConf.load("conf/dataset/demo.yaml"),
+            "dataset": compose_cfg(["dataset=demo"]).dataset,  # the preset as Hydra composes it (schema)
             "model": {
                 "name": "convnet",
                 "width": 8,
@@ -190,13 +192,13 @@ def _analyze_cfg(tmp_path, **stage):
 
 
 def _write_teacher(cfg):
-    from lpld import paths
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core.io import atomic_torch_save, fingerprint_state_dict
     from lpld.stages.common import build_teacher_model
 
     torch.manual_seed(0)
     model = build_teacher_model(cfg).eval()
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": model.state_dict()})
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": model.state_dict()})
     return fingerprint_state_dict(model.state_dict())
 
 
@@ -224,17 +226,17 @@ def _write_distilled(root, teacher_fp, seed, ipc=3, num_classes=10):
 
 
 def test_analyze_stage_end_to_end(tmp_path, capsys):
-    from lpld import paths
+    from lpld.artifacts import images as images_artifact
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core.images import load_distilled
     from lpld.data import build_dataset
     from lpld.models import penultimate_features
     from lpld.stages import analyze
-    from lpld.stages.common import load_teacher
 
     cfg = _analyze_cfg(tmp_path, methods=["lpld", "sre2l", "cda"])  # cda has no images -> skipped
     fp = _write_teacher(cfg)
     dirs = analyze.method_dirs(cfg)
-    assert dirs["lpld"] == paths.images_dir(cfg) and dirs["sre2l"].parent == dirs["lpld"].parent
+    assert dirs["lpld"] == images_artifact.path(cfg) and dirs["sre2l"].parent == dirs["lpld"].parent
     assert dirs["sre2l"].name.startswith("sre2l_ipc3_seed0_")  # recover=sre2l's images (their knobs signed)
     _write_distilled(dirs["lpld"], fp, seed=1)
     _write_distilled(dirs["sre2l"], fp, seed=2)
@@ -243,7 +245,7 @@ def test_analyze_stage_end_to_end(tmp_path, capsys):
     assert set(res["methods"]) == {"lpld", "sre2l"}
     assert res["real"]["num_images"] == 40
     # independent recomputation of one method's numbers
-    teacher, _ = load_teacher(cfg)
+    teacher, _ = teacher_artifact.load(cfg)
     imgs, labels, _ = load_distilled(dirs["lpld"])
     from lpld.data.transforms import normalize
 

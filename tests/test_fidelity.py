@@ -148,8 +148,9 @@ def test_ensemble_rescales_each_teacher_to_the_mean_norm_per_stored_batch():
 
 
 def test_table9_ours_plus_relabel_student_and_pipeline_share_the_4_teacher_store():
+    from lpld.artifacts import labels as labels_artifact
     from lpld.config import relabel_settings
-    from lpld.stages import relabel, student
+    from lpld.stages import student
     from lpld.stages.pipeline import compose_step
 
     base = ["experiment=table9_ours_plus", "dataset=in1k", "model=resnet18", "ipc=10", "prune=40x"]
@@ -157,23 +158,23 @@ def test_table9_ours_plus_relabel_student_and_pipeline_share_the_4_teacher_store
     scfg = compose_cfg([*base, "stage=student"])
     knobs = relabel_settings(rcfg)
     assert len(knobs["teachers"]) == 4 and knobs["ensemble_rescale"] is True
-    key = relabel.store_key(rcfg)
+    key = labels_artifact.key(rcfg)
     assert key.startswith("ens4-")
-    assert relabel.store_path(rcfg) == student.label_store_dir(scfg)
+    assert labels_artifact.path(rcfg) == student.label_store_dir(scfg)
     # the pipeline composes each step the same way
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     step = compose_step(base, ["stage=relabel"])
-    assert relabel.store_path(step) == relabel.store_path(rcfg)
+    assert labels_artifact.path(step) == labels_artifact.path(rcfg)
     # a command-line relabel override wins over the experiment's relabel group, for every stage alike
     over = compose_cfg([*base, "stage=relabel", "relabel.ensemble=mean_probs"])
-    assert relabel_settings(over)["ensemble"] == "mean_probs" and relabel.store_key(over) != key
-    assert relabel.store_path(over) == student.label_store_dir(
+    assert relabel_settings(over)["ensemble"] == "mean_probs" and labels_artifact.key(over) != key
+    assert labels_artifact.path(over) == student.label_store_dir(
         compose_cfg([*base, "stage=student", "relabel.ensemble=mean_probs"])
     )
     # without the experiment the store is the single teacher's
-    assert relabel.store_key(compose_cfg(["dataset=in1k", "ipc=10", "stage=relabel"])).startswith("self_")
+    assert labels_artifact.key(compose_cfg(["dataset=in1k", "ipc=10", "stage=relabel"])).startswith("self_")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_official_stats_equal_a_class_aware_batchnorm_replay():
 
 
 def test_stats_mode_is_a_per_dataset_recipe_choice():
-    from lpld import paths
+    from lpld.artifacts import stats as stats_artifact
     from lpld.config import stats_settings
     from lpld.data.transforms import rrc_flip_transform
 
@@ -253,13 +254,13 @@ def test_stats_mode_is_a_per_dataset_recipe_choice():
         cfg = compose_cfg([f"dataset={ds}", "stage=stats"])
         st = stats_settings(cfg)
         assert st == {"mode": "official", "momentum": 0.1, "batch_size": 256, "augment": True, "max_images": None}
-        assert paths.stats_path(cfg).name.startswith("official")
+        assert stats_artifact.path(cfg).name.startswith("official")
         # recover reads the file the stats stage wrote
-        assert paths.stats_path(compose_cfg([f"dataset={ds}", "stage=recover"])) == paths.stats_path(cfg)
+        assert stats_artifact.path(compose_cfg([f"dataset={ds}", "stage=recover"])) == stats_artifact.path(cfg)
     cfg = compose_cfg(["dataset=cifar10_jpg", "stage=stats"])
     assert stats_settings(cfg)["mode"] == "exact" and stats_settings(cfg)["augment"] is False
     cfg = compose_cfg(["dataset=cifar10_jpg", "stage=stats", "stage.mode=official"])
-    assert stats_settings(cfg)["augment"] is True and paths.stats_path(cfg).name.startswith("official")
+    assert stats_settings(cfg)["augment"] is True and stats_artifact.path(cfg).name.startswith("official")
     names = [type(t).__name__ for t in rrc_flip_transform(cfg.dataset).transforms]
     assert "RandomResizedCrop" in names and "RandomHorizontalFlip" in names
     rrc = next(t for t in rrc_flip_transform(cfg.dataset).transforms if type(t).__name__ == "RandomResizedCrop")
@@ -337,10 +338,10 @@ def _cda_official(it: int, total: int, milestone: float, mode: str) -> float:
 
 @pytest.mark.parametrize("mode", ["step", "linear", "cosine"])
 def test_cda_schedule_matches_the_official_curriculum(mode):
+    from lpld.config import recover_settings
     from lpld.core.jitter import cda_scale_min
-    from lpld.stages.recover import resolve_settings
 
-    s = resolve_settings(compose_cfg(["recover=cda", f"recover.cda.schedule={mode}"]))
+    s = recover_settings(compose_cfg(["recover=cda", f"recover.cda.schedule={mode}"]))
     assert s["cda"]["milestone"] == 1.0
     T = 40
     got = cda_scale_min(T, mode, s["cda"]["milestone"])
@@ -380,13 +381,13 @@ def test_no_weight_decay_on_bn_and_bias(exclude):
 
 
 def test_in21k_smooths_logits_and_does_not_flip():
-    from lpld.stages.relabel import aug_config
+    from lpld.artifacts import labels as labels_artifact
     from lpld.stages.student import student_settings
 
     cfg = compose_cfg(["dataset=in21k", "model=convnet", "model.width=8", "stage=student"])
     st = student_settings(cfg, _manifest())
     assert st["label_smoothing"] == 0.2 and st["smoothing_space"] == "logits"
-    aug = aug_config(cfg)
+    aug = labels_artifact.aug_config(cfg)
     assert aug.flip is False and aug.mix == "cutout"
     m = _student_module(cfg, st, 10450, 16)
     g = torch.Generator().manual_seed(4)
@@ -395,7 +396,7 @@ def test_in21k_smooths_logits_and_does_not_flip():
     # official: partial_soft_label = (1 - 0.2) * z + 0.2 * uniform; softmax(. / T)
     ref = torch.softmax(((1 - 0.2) * z.double() + 0.2 / 10450) / 20.0, dim=1)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-9)
-    assert aug_config(compose_cfg(["dataset=in1k", "stage=relabel"])).flip is True
+    assert labels_artifact.aug_config(compose_cfg(["dataset=in1k", "stage=relabel"])).flip is True
 
 
 def _dkr_official(kind: str, current_epoch: int, E: int, T0=20.0, s=30, gamma=0.7, tmin=1.0) -> float:
@@ -429,7 +430,8 @@ def test_stats_stage_official_mode_end_to_end(tmp_path):
     stage.mode=exact on the same teacher writes exact.pt; both keep every class counted once per image."""
     from conftest import tiny_overrides, write_image_tree
 
-    from lpld import paths
+    from lpld.artifacts import stats as stats_artifact
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core.io import atomic_torch_save, fingerprint_state_dict
     from lpld.stages import dispatch
     from lpld.stages.common import build_teacher_model
@@ -440,16 +442,16 @@ def test_stats_stage_official_mode_end_to_end(tmp_path):
     torch.manual_seed(0)
     model = build_teacher_model(cfg)
     state = model.state_dict()
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": state, "fingerprint": "x", "val": {}})
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": state, "fingerprint": "x", "val": {}})
     dispatch(cfg)
-    off = torch.load(paths.stats_path(cfg), weights_only=True)
-    assert paths.stats_path(cfg).name.startswith("official") and off["mode"] == "official"
+    off = torch.load(stats_artifact.path(cfg), weights_only=True)
+    assert stats_artifact.path(cfg).name.startswith("official") and off["mode"] == "official"
     assert off["count"].tolist() == [6, 6, 6]
     assert off["teacher_fingerprint"] == fingerprint_state_dict(state)
     cfg_e = compose_cfg([*base, "stage.mode=exact"])
     dispatch(cfg_e)
-    ex = torch.load(paths.stats_path(cfg_e), weights_only=True)
-    assert ex["mode"] == "exact" and paths.stats_path(cfg_e).name.startswith("exact")
+    ex = torch.load(stats_artifact.path(cfg_e), weights_only=True)
+    assert ex["mode"] == "exact" and stats_artifact.path(cfg_e).name.startswith("exact")
     # 2 updates per class at most (6 images, batches of 4): the EMA is still far from the pooled mean
     assert not torch.allclose(off["mean"][0], ex["mean"][0], atol=1e-3)
     assert all(torch.isfinite(t).all() for t in off["mean"] + off["var"])

@@ -285,17 +285,18 @@ def test_relabel_stage_stores_what_the_teacher_saw_with_both_switches(tmp_path):
     ``apply`` of the stored record, and the record is the seed's draw (fmnist: 1 channel, 28 px, f = 2)."""
     from test_relabel_stage import _setup
 
-    from lpld.artifacts.teacher import load as load_teacher
+    from lpld.artifacts import labels as labels_artifact
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core.images import load_distilled
     from lpld.stages import relabel
 
     extra = ["relabel.shuffle_patches=2", "relabel.mix=cutout", "relabel.cutout_fill=random", "prune=1x"]
     cfg = _setup(tmp_path, extra)
     relabel.run(cfg)
-    store = LabelStore.open(relabel.store_path(cfg), verify="full")
+    store = LabelStore.open(labels_artifact.path(cfg), verify="full")
     spec = store.spec
     assert spec.aug.shuffle_patches == 2 and spec.aug.fill_mean == tuple(cfg.dataset.mean)
-    teacher, _ = load_teacher(cfg)
+    teacher, _ = teacher_artifact.load(cfg)
     u8, _, _ = load_distilled(Path(store.manifest["meta"]["images_dir"]))
     x_all = augment.to_model_input(u8, tuple(cfg.dataset.mean), tuple(cfg.dataset.std))
     for i in range(len(store)):
@@ -381,9 +382,9 @@ def test_off_layout_accounting_and_identity_are_the_old_ones():
 
 
 def _aug(overrides: list[str]) -> AugConfig:
-    from lpld.stages.relabel import build_spec
+    from lpld.artifacts import labels as labels_artifact
 
-    return build_spec(compose_cfg(overrides)).aug
+    return labels_artifact.store_spec(compose_cfg(overrides)).aug
 
 
 T8 = ["experiment=table8_rded", "dataset=in1k", "model=resnet18", "ipc=10"]

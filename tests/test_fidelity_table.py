@@ -1,7 +1,7 @@
 """docs/fidelity.md's knob table: every row's lpld default, resolved from the real config tree.
 
 Each `check` id of the table maps to (overrides, resolver, expected). The resolvers are the functions the
-stages themselves call (student_settings, resolve_settings, stats_settings, aug_config / build_spec,
+stages themselves call (student_settings, recover_settings, stats_settings, aug_config / build_spec,
 squeeze_settings, dataset_spec, the relabel knobs), so a default that drifts from the documented official
 value fails here. A row without a case, or a case without a row, fails too.
 """
@@ -27,9 +27,9 @@ def _student(cfg) -> dict[str, Any]:
 
 
 def _recover(cfg) -> dict[str, Any]:
-    from lpld.stages.recover import resolve_settings
+    from lpld.config import recover_settings
 
-    return resolve_settings(cfg)
+    return recover_settings(cfg)
 
 
 def _stats(cfg) -> dict[str, Any]:
@@ -41,9 +41,9 @@ def _stats(cfg) -> dict[str, Any]:
 
 
 def _aug(cfg) -> dict[str, Any]:
-    from lpld.stages.relabel import aug_config, build_spec
+    from lpld.artifacts import labels as labels_artifact
 
-    a, s = aug_config(cfg), build_spec(cfg)
+    a, s = labels_artifact.aug_config(cfg), labels_artifact.store_spec(cfg)
     return {
         "mix": a.mix,
         "flip": a.flip,
@@ -78,7 +78,7 @@ def _metric(cfg) -> dict[str, Any]:
 
 
 def _squeeze(cfg) -> dict[str, Any]:
-    from lpld.stages.squeeze import squeeze_settings
+    from lpld.config import squeeze_settings
 
     return squeeze_settings(cfg)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import REPO, compose_cfg, tiny_overrides, write_image_tree
 
-from lpld import paths
+from lpld.artifacts import stats as stats_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core.io import atomic_torch_save, fingerprint_state_dict
 from lpld.stages import ConfigError, dispatch, run_stage
 
@@ -23,7 +24,7 @@ def save_random_teacher(cfg) -> str:
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     state = model.state_dict()
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": state, "fingerprint": "x", "val": {}})
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": state, "fingerprint": "x", "val": {}})
     return fingerprint_state_dict(state)
 
 
@@ -35,11 +36,11 @@ def test_cli_squeeze_then_stats(tmp_path):
     r = subprocess.run(env_run + ["stage=squeeze", *ov, *sq], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = compose_cfg(["stage=stats", *ov])
-    blob = torch.load(paths.teacher_weights_path(cfg), weights_only=True)
+    blob = torch.load(teacher_artifact.path(cfg), weights_only=True)
     assert blob["epochs"] >= 1 and "val/acc1" in blob["val"]
     r = subprocess.run(env_run + ["stage=stats", *ov], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    stats = torch.load(paths.stats_path(cfg), weights_only=True)
+    stats = torch.load(stats_artifact.path(cfg), weights_only=True)
     assert stats["count"].tolist() == [6, 6, 6, 6]
     assert stats["teacher_fingerprint"] == fingerprint_state_dict(blob["state_dict"])
     assert len(stats["layers"]) == 3 and stats["mean"][0].shape == (4, 8)
@@ -64,8 +65,8 @@ def test_squeeze_resumes_after_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(squeeze, "extra_callbacks", [Interrupt()])
     with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful exit(1)
         dispatch(cfg)
-    last = paths.teacher_dir(cfg) / "last.ckpt"
-    assert last.exists() and not paths.teacher_weights_path(cfg).exists()
+    last = teacher_artifact.dir(cfg) / "last.ckpt"
+    assert last.exists() and not teacher_artifact.path(cfg).exists()
     assert torch.load(last, weights_only=False)["epoch"] == 0  # epoch 0 finished, epoch 1 interrupted
 
     class Count(L.Callback):
@@ -77,7 +78,7 @@ def test_squeeze_resumes_after_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(squeeze, "extra_callbacks", [Count()])
     dispatch(cfg)
     assert Count.epochs == [1, 2]  # resumed, did not start over
-    assert torch.load(paths.teacher_weights_path(cfg), weights_only=True)["epochs"] == 3
+    assert torch.load(teacher_artifact.path(cfg), weights_only=True)["epochs"] == 3
 
 
 def test_teacher_is_shared_across_run_seeds(tmp_path):
@@ -87,15 +88,15 @@ def test_teacher_is_shared_across_run_seeds(tmp_path):
     base = ["stage=squeeze", *tiny_overrides(tmp_path, root), "stage.epochs=1", "stage.batch_size=8"]
     cfg0 = compose_cfg(base)
     dispatch(cfg0)
-    w0 = paths.teacher_weights_path(cfg0)
+    w0 = teacher_artifact.path(cfg0)
     before = w0.read_bytes()
     cfg_s1 = compose_cfg(base + ["seed=1"])
-    assert paths.teacher_weights_path(cfg_s1) == w0
+    assert teacher_artifact.path(cfg_s1) == w0
     assert run_stage(cfg_s1).get("reused") is True
     assert w0.read_bytes() == before
     cfg_t1 = compose_cfg(base + ["teacher_seed=1"])
-    w1 = paths.teacher_weights_path(cfg_t1)
-    assert w1 != w0 and paths.teacher_key(cfg_t1).endswith("-s1")
+    w1 = teacher_artifact.path(cfg_t1)
+    assert w1 != w0 and teacher_artifact.teacher_name(cfg_t1).endswith("-s1")
     dispatch(cfg_t1)
     s0 = torch.load(w0, weights_only=True)["state_dict"]
     s1 = torch.load(w1, weights_only=True)["state_dict"]
@@ -112,8 +113,8 @@ def test_stats_ddp_two_processes_equal_one(tmp_path):
     cfg2 = compose_cfg(base + ["trainer=ddp_cpu", "paths.artifacts=" + str(tmp_path / "a2")])
     assert save_random_teacher(cfg2) == fp
     dispatch(cfg2)
-    s1 = torch.load(paths.stats_path(cfg1), weights_only=True)
-    s2 = torch.load(paths.stats_path(cfg2), weights_only=True)
+    s1 = torch.load(stats_artifact.path(cfg1), weights_only=True)
+    s2 = torch.load(stats_artifact.path(cfg2), weights_only=True)
     assert s1["count"].tolist() == s2["count"].tolist() == [7] * 5
     for a, b in zip(s1["mean"] + s1["var"], s2["mean"] + s2["var"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -141,11 +142,11 @@ def test_official_stats_pass_is_a_function_of_the_teacher_seed(tmp_path):
         save_random_teacher(cfg)
         torch.manual_seed(12345 + len(name))  # a different global RNG state before each pass
         dispatch(cfg)
-        return torch.load(paths.stats_path(cfg), weights_only=True)
+        return torch.load(stats_artifact.path(cfg), weights_only=True)
 
     a, b, c = run("a"), run("bb", "seed=7"), run("ccc", "teacher_seed=3")
     for x, y in zip(a["mean"] + a["var"], b["mean"] + b["var"]):
         assert torch.equal(x, y)
     assert any(not torch.equal(x, y) for x, y in zip(a["mean"], c["mean"]))
     cfg0, cfg7 = (compose_cfg([*base, f"seed={s}"]) for s in (0, 7))
-    assert paths.stats_path(cfg0) == paths.stats_path(cfg7)
+    assert stats_artifact.path(cfg0) == stats_artifact.path(cfg7)

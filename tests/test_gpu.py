@@ -59,27 +59,27 @@ def _cfg(base, *extra):
 
 
 def test_1_squeeze_one_epoch(gpu_root):
-    from lpld import paths
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.stages import dispatch
 
     _, base = gpu_root
     cfg = _cfg(base, "stage=squeeze")
     dispatch(cfg)
-    blob = torch.load(paths.teacher_weights_path(cfg), map_location="cpu", weights_only=True)
+    blob = torch.load(teacher_artifact.path(cfg), map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in blob["state_dict"].values() if v.is_floating_point())
 
 
 def test_2_stats_equal_cpu(gpu_root):
-    from lpld import paths
+    from lpld.artifacts import stats as stats_artifact
     from lpld.stages import dispatch
 
     _, base = gpu_root
     cpu = _cfg(base, "stage=stats", "trainer=cpu")
     dispatch(cpu)
-    ref = torch.load(paths.stats_path(cpu), map_location="cpu", weights_only=True)
+    ref = torch.load(stats_artifact.path(cpu), map_location="cpu", weights_only=True)
     gpu = _cfg(base, "stage=stats", "stage.overwrite=true", "trainer.perf.tf32=false", "stage.batch_size=7")
     dispatch(gpu)
-    got = torch.load(paths.stats_path(gpu), map_location="cpu", weights_only=True)
+    got = torch.load(stats_artifact.path(gpu), map_location="cpu", weights_only=True)
     for key in ("mean", "var"):
         assert len(got[key]) == len(ref[key])
         for a, b in zip(got[key], ref[key], strict=True):
@@ -88,16 +88,16 @@ def test_2_stats_equal_cpu(gpu_root):
 
 
 def test_3_recover_matches_cpu_and_stage_runs(gpu_root):
-    from lpld import paths
+    from lpld.artifacts import images as images_artifact
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core.bn_hooks import bn_layers
     from lpld.core.recover_loss import LossWeights
     from lpld.core.synthesis import SynthesisConfig, plan_units, synthesize
     from lpld.stages import dispatch
-    from lpld.stages.common import load_teacher
 
     _, base = gpu_root
     cfg = _cfg(base, "stage=recover")
-    teacher, _ = load_teacher(cfg)
+    teacher, _ = teacher_artifact.load(cfg)
     g = torch.Generator().manual_seed(0)
     mean = [torch.randn(N_CLASSES, m.num_features, generator=g) * 0.1 for _, m in bn_layers(teacher)]
     var = [torch.rand(N_CLASSES, m.num_features, generator=g) + 0.5 for _, m in bn_layers(teacher)]
@@ -123,27 +123,28 @@ def test_3_recover_matches_cpu_and_stage_runs(gpu_root):
     diff = (out[DEV][1] - out["cpu"][1]).abs()
     assert (diff <= 1e-3).float().mean() >= 0.999, float(diff.max())
     dispatch(cfg)  # the stage on the GPU writes every class's PNGs
-    assert (paths.images_dir(cfg) / "manifest.json").exists()
+    assert (images_artifact.path(cfg) / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("mode", ["explicit", "seed"])
 def test_4_relabel_store_replays_on_gpu(gpu_root, mode):
-    from lpld import paths
+    from lpld.artifacts import images as images_artifact
+    from lpld.artifacts import labels as labels_artifact
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core import augment
     from lpld.core.images import load_distilled
     from lpld.core.label_store import LabelStore
     from lpld.stages import dispatch
-    from lpld.stages.common import dataset_spec, load_teacher
-    from lpld.stages.relabel import store_path
+    from lpld.stages.common import dataset_spec
 
     _, base = gpu_root
     cfg = _cfg(base, "stage=relabel", f"relabel.record_mode={mode}", "quant=none")
     dispatch(cfg)
-    store = LabelStore.open(store_path(cfg), verify="full")
+    store = LabelStore.open(labels_artifact.path(cfg), verify="full")
     assert len(store) > 0
-    images, _, _ = load_distilled(paths.images_dir(cfg), verify=False)
+    images, _, _ = load_distilled(images_artifact.path(cfg), verify=False)
     spec = dataset_spec(cfg)
-    teacher, _ = load_teacher(cfg)
+    teacher, _ = teacher_artifact.load(cfg)
     teacher = teacher.to(DEV).eval()
     x_all = augment.to_model_input(images.to(DEV), spec.mean, spec.std)
     out_size = int(store.spec.aug.out_size)
@@ -164,14 +165,14 @@ def _to_cuda(b):
 
 
 def test_5_student_records_top1(gpu_root):
-    from lpld import paths
+    from lpld.artifacts import results as results_artifact
     from lpld.report.records import load_records
     from lpld.stages import dispatch
 
     _, base = gpu_root
     cfg = _cfg(base, "stage=student", "stage.results_name=gpu")
     dispatch(cfg)
-    recs = load_records(paths.results_dir(cfg) / "gpu.jsonl")
+    recs = load_records(results_artifact.dir(cfg) / "gpu.jsonl")
     assert len(recs) == 1 and 0.0 <= recs[0]["top1"] <= 1.0
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.models as tvm
-import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -264,13 +263,15 @@ def test_conf_files_build(tmp_path):
         "efficientnet_b0", "shufflenetv2", "swinv2_tiny",
     }  # fmt: skip
     assert {f.stem for f in files} >= expected
-    for f in files:
-        data = yaml.safe_load(f.read_text())
+    from conftest import compose_cfg
+
+    composed = {f.stem: compose_cfg([f"model={f.stem}"]).model for f in files}  # YAML + schema (lpld.config)
+    for data in composed.values():
         assert data["name"] in MODEL_REGISTRY
         assert {"pretrained", "checkpoint", "tag"} <= set(data) and data["pretrained"] is False
-    conv = OmegaConf.load(CONF_DIR / "convnet.yaml")
+    conv = composed["convnet"]
     assert (conv.width, conv.depth, conv.norm, conv.checkpoint, conv.tag) == (128, 3, "batch", None, None)
-    assert OmegaConf.load(CONF_DIR / "convnet_in.yaml").norm == "instance"
+    assert composed["convnet_in"].norm == "instance"
     # DictConfig input works and matches the dict input
     torch.manual_seed(0)
     a = build_model(conv, 10, 1, 28)
@@ -278,7 +279,7 @@ def test_conf_files_build(tmp_path):
     b = build_model(OmegaConf.to_container(conv), 10, 1, 28)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     for light in ("resnet18_cifar", "swinv2_tiny", "shufflenetv2"):
-        m = build_model(OmegaConf.load(CONF_DIR / f"{light}.yaml"), 10, 3, 32)
+        m = build_model(composed[light], 10, 3, 32)
         assert m.lpld_model_name == light
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from lpld.core import kd_loss, prune_metrics, quant, recover_methods
 from lpld.core.errors import ConfigError
+from lpld.core.label_store import RESERVED_NAMES, StoredBatch, StoreSpec, array_layout
 from lpld.core.synthesis import plan_units
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,19 +29,11 @@ def teacher_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return z, labels
 
 
-def stored_from(encoded: dict[str, np.ndarray], gen_t: float | None) -> SimpleNamespace:
-    """A StoredBatch-like object as the store reader builds it (indices as int64)."""
-    t = {
-        k: torch.from_numpy(v).long() if k in ("topk_indices", "hard") else torch.from_numpy(v)
-        for k, v in encoded.items()
-    }
-    return SimpleNamespace(
-        logits=t.get("logits"),
-        topk_values=t.get("topk_values"),
-        topk_indices=t.get("topk_indices"),
-        hard=t.get("hard"),
-        gen_temperature=gen_t,
-    )
+def stored_from(encoded: dict[str, np.ndarray], cfg: quant.QuantConfig) -> StoredBatch:
+    """A StoredBatch as the store reader builds it: the codec's arrays (``to_tensor``), its config and C."""
+    codec = quant.get_label_codec(cfg.mode)
+    labels = {k: codec.to_tensor(k, v) for k, v in encoded.items()}
+    return StoredBatch(torch.arange(B), None, labels, quant=cfg, num_classes=C)
 
 
 @pytest.mark.parametrize("name", ["lpld", "nope"])
@@ -89,11 +82,12 @@ def test_codec_round_trip_is_a_distribution_with_the_teachers_top1(name):
     enc = quant.encode(z, cfg)
     spec = quant.label_arrays(cfg, C)
     assert set(enc) == set(spec)
-    for k, (shape, dtype) in spec.items():  # encode writes exactly the arrays the store lays out
-        assert enc[k].shape == (B, *shape) and enc[k].dtype == dtype
+    for k, a in spec.items():  # encode writes exactly the arrays the store lays out
+        assert enc[k].shape == (B, *a.shape) and enc[k].dtype == a.dtype and a.storage in ("label", "record")
     for t in (1.0, 2.0, 4.0):
-        p = quant.decode(stored_from(enc, cfg.temperature), name, t, C)
-        assert p.shape == (B, C) and p.dtype == torch.float32
+        b = stored_from(enc, cfg)
+        p = quant.decode(b, name, t, C)
+        assert p.shape == (B, C) and p.dtype == torch.float32 and torch.equal(b.decode(t), p)
         assert (p >= 0).all() and torch.allclose(p.sum(1), torch.ones(B), atol=1e-5)
         assert torch.equal(p.argmax(1), z.argmax(1))
 
@@ -105,7 +99,7 @@ def test_builtin_codecs_decode_within_their_stated_error(name):
     z, _ = teacher_logits(1)
     k, tg, t = 4, 2.0, 2.0
     cfg = quant.QuantConfig(mode=name, k=k if name in ("mr", "ms") else 0, temperature=tg)
-    p = quant.decode(stored_from(quant.encode(z, cfg), tg), name, t, C)
+    p = quant.decode(stored_from(quant.encode(z, cfg), cfg), name, t, C)
     zh = z.half().float()  # values are stored in fp16
     top = z.topk(k, dim=1).indices
     if name == "none":
@@ -120,6 +114,57 @@ def test_builtin_codecs_decode_within_their_stated_error(name):
     else:
         ref = torch.nn.functional.one_hot(z.argmax(1), C).float()
     torch.testing.assert_close(p, ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", quant.list_label_codecs())
+def test_codec_declares_its_knobs_arrays_tag_and_label(name):
+    codec = quant.get_label_codec(name)
+    assert all(isinstance(d, quant.CodecParam) for d in codec.params.values())
+    cfg = quant.QuantConfig(mode=name, k=4 if codec.uses_k else 0, temperature=2.0)
+    cfg.validate(C)
+    assert cfg.tag and cfg.tag.isprintable() and not set(cfg.tag) & set("/\\ ") and cfg.label  # a key part
+    assert codec.report_kind in ("soft", "quant", "hard")
+    for n, a in quant.label_arrays(cfg, C).items():
+        assert n not in RESERVED_NAMES and a.storage in ("label", "record")
+    # the store's accounting asks the codec which bytes are labels
+    from lpld.core.augment import AugConfig
+    from lpld.core.label_store import accounting
+
+    spec = StoreSpec(10, C, (8, 8), 4, 1, "1x", 0.0, "batch", cfg, AugConfig(8), "explicit", 0)
+    layout = array_layout(spec, 3, 10)
+    labels = sum(a.nbytes for a in layout if a.name in quant.label_arrays(cfg, C) and a.storage == "label")
+    assert accounting(layout)["labels_bytes"] == labels > 0
+
+
+def test_builtin_codecs_keep_their_tags_and_identity():
+    tags = [quant.QuantConfig(*a).tag for a in (("none",), ("mr", 10), ("ms", 50, 4.0), ("hard",))]
+    assert tags == ["none", "mr10", "ms50", "hard"]
+    assert quant.QuantConfig("ms", 5, 4.0).to_dict() == {"mode": "ms", "k": 5, "temperature": 4.0}  # no params key
+
+
+def test_a_codec_array_may_not_take_a_store_name(monkeypatch):
+    from lpld.core.augment import AugConfig
+    from lpld.core.label_store import layout
+
+    spec = StoreSpec(10, C, (8, 8), 4, 1, "1x", 0.0, "batch", quant.QuantConfig(), AugConfig(8), "explicit", 0)
+    monkeypatch.setattr(layout, "label_arrays", lambda q, c: {"crops": quant.CodecArray((1,), np.uint8)})
+    with pytest.raises(ValueError, match="'crops', a name the store uses"):
+        array_layout(spec, 3, 10)
+
+
+def test_stored_batch_carries_any_codec_arrays():
+    z = torch.randn(3, C)
+    b = StoredBatch(torch.arange(3), None, logits=z.half())
+    assert set(b.labels) == {"logits"} and b.logits is b.labels["logits"]
+    assert b.hard is None  # another codec's array: absent
+    with pytest.raises(AttributeError, match="no field or label array"):
+        _ = b.not_an_array
+    b.hard = z.argmax(1)  # assigning an array puts it with the others
+    assert set(b.labels) == {"logits", "hard"}
+    import dataclasses
+
+    c = dataclasses.replace(b, quant=quant.QuantConfig("none"), num_classes=C)  # what device moves do
+    assert c.labels.keys() == b.labels.keys() and torch.equal(c.decode(2.0), torch.softmax(z.half().float() / 2, 1))
 
 
 # ---------------------------------------------------------------------------------------------- student losses

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import labels as labels_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core.images import class_dir_name, images_fingerprint, save_png
 from lpld.core.io import ArtifactError, atomic_torch_save, atomic_write_json, fingerprint_state_dict
 from lpld.core.label_store import LabelStore, disk_bytes
@@ -32,8 +34,8 @@ def _setup(tmp_path, extra: list[str] | None = None):
 
     model = build_teacher_model(cfg).eval()
     fp = fingerprint_state_dict(model.state_dict())
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": model.state_dict(), "fingerprint": fp})
-    root = paths.images_dir(cfg)
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": model.state_dict(), "fingerprint": fp})
+    root = images_artifact.path(cfg)
     g = torch.Generator().manual_seed(0)
     for c in range(10):
         for i in range(2):
@@ -53,7 +55,7 @@ def test_relabel_stage_end_to_end(tmp_path, capsys):
 
     cfg = _setup(tmp_path)
     out = relabel.run(cfg)
-    path = relabel.store_path(cfg)
+    path = labels_artifact.path(cfg)
     store = LabelStore.open(path, verify="full")
     # 20 images, batch 8 -> 3 batches/epoch x 3 epochs = 9, 10x -> 1 batch kept (at least one)
     assert len(store) == 1 and out["batches"] == 1
@@ -79,7 +81,7 @@ def test_relabel_stage_refuses_other_teacher(tmp_path):
 
     torch.manual_seed(123)
     model = build_teacher_model(cfg)
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": model.state_dict()})
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": model.state_dict()})
     with pytest.raises(ArtifactError, match="allow_other_teacher"):
         relabel.run(cfg)
 
@@ -109,11 +111,11 @@ def test_relabel_stage_ensemble_teachers(tmp_path):
         sub = OmegaConf.merge(cfg, {"model": {"tag": tag}})
         torch.manual_seed(seed)
         m = build_teacher_model(sub)
-        atomic_torch_save(paths.teacher_weights_path(sub), {"state_dict": m.state_dict()})
+        atomic_torch_save(teacher_artifact.path(sub), {"state_dict": m.state_dict()})
     teacher, fp, meta = relabel.load_relabel_teacher(cfg)
     assert isinstance(teacher, EnsembleTeacher) and len(teacher.models) == 2
     assert meta["teacher"] == ["convnet-a", "convnet-b"] and len(set(meta["teacher_fingerprints"])) == 2
-    assert relabel.store_key(cfg).startswith("ens2-")
+    assert labels_artifact.key(cfg).startswith("ens2-")
     out = relabel.run(cfg)
     store = LabelStore.open(out["path"])
     assert store.manifest["teacher_fingerprint"] == fp and store.manifest["meta"]["ensemble"] == "mean_logits"

@@ -86,15 +86,15 @@ def test_converter_refuses_in_place_and_missing(tmp_path):
 
 
 def test_malicious_teacher_file_and_stats_file_are_refused(tmp_path):
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.core.bnstats import load_classwise_stats
     from lpld.core.io import ArtifactError
-    from lpld.stages.common import read_teacher_file
 
     marker = tmp_path / "pwned"
     teacher = tmp_path / "teacher.pt"
     torch.save({"state_dict": {"w": torch.ones(1)}, "extra": Payload(marker)}, teacher)
     with pytest.raises(ArtifactError, match="rerun stage=squeeze"):
-        read_teacher_file(teacher)
+        teacher_artifact.read(teacher)
     stats = tmp_path / "exact.pt"
     torch.save({"layers": [], "mean": [], "var": [], "count": Payload(marker), "teacher_fingerprint": "x"}, stats)
     with pytest.raises(ArtifactError, match="stage=stats"):

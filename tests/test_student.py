@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import compose_cfg, tiny_overrides, write_image_tree
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import results as results_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core.io import ArtifactError, atomic_torch_save, fingerprint_state_dict
 from lpld.report.records import REQUIRED_FIELDS, load_records
 from lpld.stages import ConfigError, dispatch
@@ -40,7 +42,7 @@ def save_random_teacher(cfg) -> str:
     model = build_teacher_model(cfg)
     state = model.state_dict()
     fp = fingerprint_state_dict(state)
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": state, "fingerprint": fp, "val": {}})
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": state, "fingerprint": fp, "val": {}})
     return fp
 
 
@@ -48,9 +50,9 @@ def prepare_store(tmp_path, extra=()):
     """teacher -> recover (random_real) -> relabel, in process; returns the student config."""
     ov = base_overrides(tmp_path, extra)
     cfg = compose_cfg(["stage=recover", *ov])
-    if not paths.teacher_weights_path(cfg).exists():
+    if not teacher_artifact.path(cfg).exists():
         save_random_teacher(cfg)
-    if not (paths.images_dir(cfg) / "manifest.json").exists():
+    if not (images_artifact.path(cfg) / "manifest.json").exists():
         dispatch(cfg)
     dispatch(compose_cfg(["stage=relabel", *ov]))
     return compose_cfg(["stage=student", *ov])
@@ -66,7 +68,7 @@ def test_student_end_to_end_record_and_rerun(store_cfg, tmp_path):
     from lpld.stages import student
 
     dispatch(store_cfg)
-    recs = load_records(paths.results_dir(store_cfg) / "results.jsonl")
+    recs = load_records(results_artifact.dir(store_cfg) / "results.jsonl")
     assert len(recs) == 1
     rec = recs[0]
     for k in REQUIRED_FIELDS:
@@ -78,7 +80,7 @@ def test_student_end_to_end_record_and_rerun(store_cfg, tmp_path):
     assert rec["config"]["student"]["loss"] == "kl"
     # the rerun of a finished run reuses it and appends nothing
     assert student.run(store_cfg)["reused"] is True
-    assert len(load_records(paths.results_dir(store_cfg) / "results.jsonl")) == 1
+    assert len(load_records(results_artifact.dir(store_cfg) / "results.jsonl")) == 1
 
 
 def _module_and_batch(cfg, **student_over):
@@ -91,7 +93,7 @@ def _module_and_batch(cfg, **student_over):
     store = LabelStore.open(student.label_store_dir(cfg))
     st = student.student_settings(cfg, store.manifest)
     st.update(student_over)
-    images, labels, _ = load_distilled(paths.images_dir(cfg))
+    images, labels, _ = load_distilled(images_artifact.path(cfg))
     m = StudentModule(
         model_cfg=student.student_model_cfg(cfg),
         num_classes=N_CLASSES,
@@ -124,7 +126,7 @@ def test_replay_matches_what_the_teacher_labelled(store_cfg):
     from lpld.stages.common import build_teacher_model
 
     teacher = build_teacher_model(store_cfg)
-    teacher.load_state_dict(torch.load(paths.teacher_weights_path(store_cfg), weights_only=True)["state_dict"])
+    teacher.load_state_dict(torch.load(teacher_artifact.path(store_cfg), weights_only=True)["state_dict"])
     with torch.no_grad():
         z = teacher.eval()(x)
     assert torch.allclose(z.half().float(), b.logits.float(), atol=1e-2)
@@ -206,7 +208,7 @@ def _expect_metric_error(cfg, metric: str, match: str) -> None:
 
     mcfg = compose_cfg(["stage=student", *base_overrides(_root(cfg)), f"metric={metric}", "prune=10x"])
     store = LabelStore.open(student.label_store_dir(cfg))
-    _, labels, _ = load_distilled(paths.images_dir(cfg))
+    _, labels, _ = load_distilled(images_artifact.path(cfg))
     with pytest.raises(MetricInputError, match=match):
         student.build_pool(mcfg, store, labels)
 
@@ -263,7 +265,7 @@ def test_lpqld_accumulate_ema_run(store_cfg, monkeypatch):
         ]
     )
     out = student.run(cfg)
-    rec = load_records(paths.results_dir(cfg) / "lpqld.jsonl")[0]
+    rec = load_records(results_artifact.dir(cfg) / "lpqld.jsonl")[0]
     assert rec["student"]["ca"] == "search" and rec["student"]["accumulate"] == 2
     assert rec["top1"] == out["top1"]
     ckpt = torch.load(next(student.students_dir(student.label_store_dir(cfg)).rglob("last.ckpt")), weights_only=False)
@@ -290,7 +292,7 @@ def test_metric_pool_selects_by_score_on_real_store(store_cfg):
     )
     store = LabelStore.open(student.label_store_dir(cfg))
     assert store.manifest["prune"]["name"] == "1x"  # the metric reads the 1x store
-    _, labels, _ = load_distilled(paths.images_dir(cfg))
+    _, labels, _ = load_distilled(images_artifact.path(cfg))
     pool = student.build_pool(cfg, store, labels)
     m = len(store)
     # brute force: mean max-softmax per stored batch, top pool_size of them

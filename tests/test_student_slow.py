@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, compose_cfg
 from test_student import base_overrides, prepare_store, save_random_teacher
 
-from lpld import paths
+from lpld.artifacts import results as results_artifact
 from lpld.report.records import load_records
 
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ def test_cli_recover_relabel_student(tmp_path):
     for stage in ("recover", "relabel", "student"):
         r = subprocess.run([*cmd, f"stage={stage}", *ov], cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"stage={stage}: {r.stderr[-3000:]}"
-    recs = load_records(paths.results_dir(compose_cfg(["stage=student", *ov])))
+    recs = load_records(results_artifact.dir(compose_cfg(["stage=student", *ov])))
     assert len(recs) == 1 and recs[0]["config"]["stage"]["name"] == "student"
 
 
@@ -35,8 +35,8 @@ def test_student_ddp_two_cpu_processes(tmp_path):
     student.run(cfg)
     ddp = compose_cfg(["stage=student", *base_overrides(tmp_path), "trainer=ddp_cpu", "stage.results_name=ddp"])
     student.run(ddp)
-    one = load_records(paths.results_dir(cfg) / "results.jsonl")[0]
-    two = load_records(paths.results_dir(ddp) / "ddp.jsonl")[0]
+    one = load_records(results_artifact.dir(cfg) / "results.jsonl")[0]
+    two = load_records(results_artifact.dir(ddp) / "ddp.jsonl")[0]
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["config"]["trainer"]["devices"] == 2
     batch = int(one["global_batch"])

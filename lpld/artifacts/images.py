@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from lpld.artifacts import stats, teacher
-from lpld.artifacts.base import get, root, sign
+from lpld.artifacts.base import dataset_name, get, plain_name, root, sign, under
 from lpld.core.images import MANIFEST, list_pngs, read_manifest
 from lpld.core.io import ArtifactError, acquire_lock, atomic_write_json, move_aside
 from lpld.core.recover_job import RecoverJob, base_manifest
@@ -39,7 +39,7 @@ class ImagesSpec:
         return f"{self.method}_ipc{self.ipc}_seed{self.seed}_{sign(self.__dict__)}"
 
     def path(self, artifacts: Path) -> Path:
-        return Path(artifacts) / self.dataset / self.teacher / "images" / self.key()
+        return under(Path(artifacts), self.dataset, self.teacher, "images", self.key())
 
 
 def _stats_ref(cfg: DictConfig, method: str) -> str | None:
@@ -57,9 +57,9 @@ def spec(cfg: DictConfig) -> ImagesSpec:
 
     s = recover_settings(cfg)
     return ImagesSpec(
-        dataset=str(cfg.dataset.name),
+        dataset=dataset_name(cfg),
         teacher=teacher.key(cfg),
-        method=str(s["name"]),
+        method=plain_name(s["name"], "recover.name", "lpld"),
         ipc=int(cfg.ipc),
         seed=int(cfg.seed),
         settings=dict(s),
@@ -94,14 +94,31 @@ def open(  # noqa: A001 - artifacts.images.open(cfg), like the other artifacts
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(uint8 images (N, C, H, W), labels (N,), manifest) of this config, checked against the manifest's
     fingerprints and the teacher (``lpld.core.images.load_distilled``; each refusal names the fix)."""
-    from lpld.core.images import load_distilled
+    from lpld.core.images import MANIFEST, load_distilled
 
+    require(cfg, MANIFEST)
     return load_distilled(
         path(cfg),
         expect_teacher_fingerprint=teacher_fingerprint,
         allow_other_teacher=allow_other_teacher,
         verify=verify,
     )
+
+
+def require(cfg: DictConfig, manifest: str = "manifest.json") -> None:
+    """Refuse a config whose images do not exist, naming the recover command and the closest existing images.
+
+    Raises:
+        ArtifactError: no ``manifest.json`` at :func:`path`.
+    """
+    from lpld.artifacts.catalog import missing_hint
+
+    p = path(cfg)
+    if not (p / manifest).is_file():
+        raise ArtifactError(
+            f"no distilled images at {p}; run `python run.py stage=recover` with the same overrides first"
+            + missing_hint(cfg, "images", spec(cfg))
+        )
 
 
 def verify(cfg: DictConfig) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lpld.artifacts import images, teacher
-from lpld.artifacts.base import plain, root, sign
+from lpld.artifacts.base import dataset_name, plain, plain_name, root, sign, under
 from lpld.core.augment import AugConfig, switch_fields
 from lpld.core.io import fingerprint_obj
 from lpld.core.label_store import StoreSpec
@@ -122,13 +122,16 @@ class LabelsSpec:
         return f"{readable}_{sign(self.__dict__)}"
 
     def path(self, artifacts: Path) -> Path:
-        return Path(artifacts) / self.dataset / self.teacher / "labels" / self.images / self.key()
+        return under(Path(artifacts), self.dataset, self.teacher, "labels", self.images, self.key())
 
 
 def spec(cfg: DictConfig) -> LabelsSpec:
     st = knobs(cfg)
+    # the names that make up the store's folder name (record_mode and mix are checked against their lists)
+    plain_name(cfg.prune.name, "prune.name", "10x")
+    plain_name(cfg.prune.granularity, "prune.granularity", "batch")
     return LabelsSpec(
-        dataset=str(cfg.dataset.name),
+        dataset=dataset_name(cfg),
         teacher=teacher.key(cfg),
         images=images.key(cfg),
         teachers=teacher_tag(cfg, st),

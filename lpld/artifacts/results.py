@@ -11,8 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lpld.artifacts import teacher
-from lpld.artifacts.base import dataset_dir, get, root
-from lpld.errors import ConfigError
+from lpld.artifacts.base import dataset_dir, dataset_name, get, plain_name, root, under
 
 
 @dataclass(frozen=True)
@@ -24,9 +23,8 @@ class ResultsSpec:
         return self.name
 
     def path(self, artifacts: Path) -> Path:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"results name must be a plain file stem (stage.results_name), got {self.name!r}")
-        return Path(artifacts) / self.dataset / "results" / f"{self.name}.jsonl"
+        plain_name(self.name, "stage.results_name", "myresults")  # a file stem, not a path
+        return under(Path(artifacts), self.dataset, "results", f"{self.name}.jsonl")
 
 
 def dir(cfg: DictConfig) -> Path:  # noqa: A001 - artifacts.results.dir(cfg)
@@ -41,7 +39,7 @@ def pipeline_name(cfg: DictConfig) -> str:
 
 def spec(cfg: DictConfig, name: str | None = None) -> ResultsSpec:
     """The results file of this run (``name`` else ``stage.results_name`` else ``results``)."""
-    return ResultsSpec(dataset=str(cfg.dataset.name), name=str(name or get(cfg, "stage.results_name", "results")))
+    return ResultsSpec(dataset=dataset_name(cfg), name=str(name or get(cfg, "stage.results_name", "results")))
 
 
 def path(cfg: DictConfig, name: str | None = None) -> Path:

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from lpld.artifacts import teacher
-from lpld.artifacts.base import get, root, sign
+from lpld.artifacts.base import dataset_name, get, root, sign, under
 from lpld.core.io import ArtifactError
 
 EMA_MODES = ("official", "ema")  # lpld.core.bnstats.EMA_MODES: the pass's order changes the result
@@ -40,7 +40,7 @@ class StatsSpec:
         return f"{self.mode}_{sign(self.__dict__)}"
 
     def path(self, artifacts: Path) -> Path:
-        return Path(artifacts) / self.dataset / self.teacher / "stats" / f"{self.key()}.pt"
+        return under(Path(artifacts), self.dataset, self.teacher, "stats", f"{self.key()}.pt")
 
 
 def _precision(cfg: Any) -> str:
@@ -53,7 +53,7 @@ def spec(cfg: DictConfig) -> StatsSpec:
 
     st = stats_settings(cfg)  # the stats stage's knobs under stage=stats, the default pass from any other stage
     return StatsSpec(
-        dataset=str(cfg.dataset.name),
+        dataset=dataset_name(cfg),
         teacher=teacher.key(cfg),
         mode=str(st["mode"]),
         momentum=float(st["momentum"]),
@@ -83,14 +83,22 @@ def open(cfg: DictConfig, teacher_fingerprint: str | None, allow_other_teacher: 
         raise ArtifactError(
             f"no class-wise BN statistics at {p}; run `python run.py stage=stats dataset={cfg.dataset.name} "
             f"model={cfg.model.name}` with the same overrides first (or recover.stats_path=/path/to/stats.pt)"
+            + _missing_hint(cfg)
         )
     return load_classwise_stats(p, teacher_fingerprint, allow_other_teacher=allow_other_teacher)
+
+
+def _missing_hint(cfg: DictConfig) -> str:
+    from lpld.artifacts.catalog import missing_hint
+
+    return missing_hint(cfg, "stats", spec(cfg))
 
 
 def prepare(out: Path, teacher_fingerprint: str, mode: str, overwrite: bool) -> str:
     """Rank 0 of stage=stats: ``"reuse"`` finished stats of this teacher, or ``"compute"`` (after moving an
     overwritten file aside). Takes the file's lock; the caller releases it after writing (or on reuse here)."""
-    from lpld.core.io import acquire_lock, move_aside, release_lock
+    from lpld.artifacts import overwrite as overwrite_artifact
+    from lpld.core.io import acquire_lock, aside_path, release_lock
 
     acquire_lock(out, "class-wise stats")  # one writer per stats file (released by the caller, or at exit)
     if out.exists() and not overwrite:
@@ -108,6 +116,8 @@ def prepare(out: Path, teacher_fingerprint: str, mode: str, overwrite: bool) -> 
             f"{out} holds stats for another teacher or stage.mode; rerun with stage.overwrite=true to replace them "
             f"(the old file is kept as {out.name}.replaced until the new one is written)"
         )
-    if out.exists():
-        move_aside(out)  # stage.overwrite=true: kept until the new stats are written
+    if out.exists() or aside_path(out).exists():
+        # stage.overwrite=true: moved aside only once the pass has started (lpld.stages.stats), back if it fails,
+        # deleted once the new stats are written
+        overwrite_artifact.defer(out)
     return "compute"

@@ -17,8 +17,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lpld.artifacts import images, labels, teacher
-from lpld.artifacts.base import get, root, sign
-from lpld.core.io import acquire_lock, move_aside, read_json, release_lock
+from lpld.artifacts import overwrite as overwrite_artifact
+from lpld.artifacts.base import dataset_name, get, plain_name, root, sign, under
+from lpld.core.io import acquire_lock, aside_path, read_json, release_lock
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class StudentSpec:
         return f"{self.model['name']}-{sign(self.__dict__)}"
 
     def path(self, artifacts: Path) -> Path:
-        return Path(artifacts) / self.dataset / self.teacher / "students" / self.images / self.store / self.key()
+        return under(Path(artifacts), self.dataset, self.teacher, "students", self.images, self.store, self.key())
 
 
 def store_dir(cfg: DictConfig, source: DictConfig | None = None) -> Path:
@@ -63,11 +64,12 @@ def spec(
     precision: str,
 ) -> StudentSpec:
     """The run of this config on the store at ``store`` (settings resolved against its manifest)."""
+    plain_name(model.get("name"), "student.arch", "resnet18")  # the run folder's name starts with it
     return StudentSpec(
-        dataset=str(cfg.dataset.name),
+        dataset=dataset_name(cfg),
         teacher=teacher.key(cfg),
         images=images.key(cfg),
-        store=Path(store).name,
+        store=plain_name(Path(store).name, "stage.store", "/path/to/labels/<store folder>"),
         model=dict(model),
         settings=dict(settings),
         metric=dict(metric),
@@ -95,6 +97,7 @@ def prepare(run_dir: Path, final: Path, overwrite: bool) -> dict[str, Any] | Non
         done = read_json(final)
         release_lock(run_dir)
         return done
-    if overwrite and run_dir.exists():
-        move_aside(run_dir)
+    if overwrite and (run_dir.exists() or aside_path(run_dir).exists()):
+        # moved aside only once the new run has started (lpld.lit.fit.fit_with_resume), back if it fails
+        overwrite_artifact.defer(run_dir)
     return None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lpld.artifacts.base import get, plain, root, sign
+from lpld.artifacts.base import dataset_name, get, plain, plain_name, root, sign, under
 from lpld.core.io import ArtifactError, fingerprint_state_dict
 
 FILE = "teacher.pt"
@@ -27,10 +27,10 @@ _NOT_IDENTITY = ("recipe", "root", "download")
 def teacher_name(cfg: Any) -> str:
     """Readable teacher name: model name, plus ``-<tag>`` for published / external weights (or
     ``-pretrained``), plus ``-s<teacher_seed>`` for a teacher trained with a non-zero ``teacher_seed``."""
-    name = str(cfg.model.name)
+    name = plain_name(cfg.model.name, "model.name", "convnet")  # names the teacher's folder
     tag = get(cfg, "model.tag")
     if tag:
-        name = f"{name}-{tag}"
+        name = f"{name}-{plain_name(tag, 'model.tag')}"
     elif get(cfg, "model.pretrained", False):
         return f"{name}-pretrained"
     tseed = int(get(cfg, "teacher_seed", 0) or 0)
@@ -59,21 +59,21 @@ class TeacherSpec:
 
     def dir(self, artifacts: Path) -> Path:
         """The teacher's folder (squeeze's ``last.ckpt`` and ``teacher.pt``)."""
-        return Path(artifacts) / self.dataset / self.key() / "teacher"
+        return under(Path(artifacts), self.dataset, self.key(), "teacher")
 
     def path(self, artifacts: Path) -> Path:
         return self.dir(artifacts) / FILE
 
     def base(self, artifacts: Path) -> Path:
         """``<artifacts>/<dataset>/<teacher key>``: stats, images, labels and students of this teacher."""
-        return Path(artifacts) / self.dataset / self.key()
+        return under(Path(artifacts), self.dataset, self.key())
 
 
 def spec(cfg: DictConfig) -> TeacherSpec:
     tseed = int(get(cfg, "teacher_seed", 0) or 0)
     given = bool(get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False))
     return TeacherSpec(
-        dataset=str(cfg.dataset.name),
+        dataset=dataset_name(cfg),
         name=teacher_name(cfg),
         model=plain(cfg.model),
         data=dataset_identity(cfg),
@@ -138,6 +138,7 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
             raise ArtifactError(
                 f"no teacher at {p}. Train one with `python run.py stage=squeeze dataset={cfg.dataset.name} "
                 f"model={cfg.model.name}`, or set model.checkpoint=/path/to/weights.pt or model.pretrained=true"
+                + _missing_hint(cfg)
             )
         blob = read(p)
         model = build(cfg)
@@ -171,7 +172,8 @@ def prepare(cfg: DictConfig, config_fingerprint: str, overwrite: bool) -> dict[s
     Raises:
         ArtifactError: the finished teacher was trained from another config and ``overwrite`` is false.
     """
-    from lpld.core.io import acquire_lock, move_aside, release_lock
+    from lpld.artifacts import overwrite as overwrite_artifact
+    from lpld.core.io import acquire_lock, aside_path, release_lock
 
     out_dir, weights = dir(cfg), path(cfg)
     acquire_lock(out_dir, "teacher")  # one writer per teacher folder (released when done, or at exit)
@@ -185,8 +187,15 @@ def prepare(cfg: DictConfig, config_fingerprint: str, overwrite: bool) -> dict[s
             f"{blob.get('config_fingerprint')} vs {config_fingerprint}). Rerun with stage.overwrite=true to retrain "
             "it, or set model.tag=<name> to keep both"
         )
-    if overwrite and out_dir.exists():
-        # start over (no resume from its last.ckpt); the old folder is kept as teacher.replaced until the new
-        # teacher.pt is written
-        move_aside(out_dir)
+    if overwrite and (out_dir.exists() or aside_path(out_dir).exists()):
+        # start over (no resume from its last.ckpt); the old folder moves to teacher.replaced only once the new run
+        # has started (lpld.lit.fit.fit_with_resume), comes back if it fails, and goes when the new teacher.pt is in
+        overwrite_artifact.defer(out_dir)
     return None
+
+
+def _missing_hint(cfg: DictConfig) -> str:
+    """The closest existing teacher and the values that differ (lpld.artifacts.catalog), or ""."""
+    from lpld.artifacts.catalog import missing_hint
+
+    return missing_hint(cfg, "teacher", spec(cfg))

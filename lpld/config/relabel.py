@@ -68,23 +68,53 @@ def _drop_last(v: Any) -> str:
 
 
 def quant_settings(cfg: Any) -> dict[str, Any]:
-    """The label quantization: mode, k and the temperature ``ms`` stores probabilities at.
+    """The label quantization: the codec (``quant.mode``) and the knobs it declares (``LabelCodec.params``).
 
-    ``quant.temperature: null`` (ms) = the student's KD temperature (``student.temperature`` > recipe > schema);
-    none / mr / hard keep 1.0, unused, so that it does not split store identities.
+    ``k`` / ``temperature`` are read from ``quant.<key>``, any other knob from ``quant.params.<key>``; a knob the
+    codec does not declare keeps its default (k 0, temperature 1.0), unused, so that it does not split store
+    identities. ``temperature: null`` = the student's KD temperature (``student.temperature`` > recipe > schema);
+    another unset knob takes the codec's default, or is refused naming the key.
+
+    Returns:
+        ``{mode, k, temperature}`` plus ``params`` (the codec's own knobs) when it has any: ``QuantConfig(**out)``.
+
+    Raises:
+        ConfigError: an unknown mode, an unknown ``quant.params`` key, or a knob that is unset or of the wrong type.
     """
     from lpld.config.schema import StudentConf
-    from lpld.core.quant import list_label_codecs
+    from lpld.core.quant import COMMON_PARAMS, get_label_codec, list_label_codecs
+    from lpld.data.config import to_plain
 
     q = node_get(cfg, "quant")
     mode = str(node_get(q, "mode") or node_get(q, "name") or "none")
     if mode not in list_label_codecs():
         raise ConfigError(f"unknown quant mode {mode!r}; choose quant=<{'|'.join(list_label_codecs())}>")
-    k = int(node_get(q, "k") or 0)
-    temp = 1.0
-    if mode == "ms":
-        t = node_get(q, "temperature")
-        if t is None:
-            t = Knobs(node_get(cfg, "student"), dataset_recipe(cfg, "student"), StudentConf).get("temperature")
-        temp = float(t)
-    return {"mode": mode, "k": k if mode in ("mr", "ms") else 0, "temperature": temp}
+    codec = get_label_codec(mode)
+    given = to_plain(node_get(q, "params")) or {}
+    unknown = sorted(set(given) - set(codec.params))
+    if unknown:
+        own = [n for n in codec.params if n not in COMMON_PARAMS]
+        raise ConfigError(
+            f"quant={mode} has no parameter {', '.join(f'quant.params.{n}' for n in unknown)}; "
+            f"its parameters are {own or 'none'}"
+        )
+    out: dict[str, Any] = {"mode": mode, "k": 0, "temperature": 1.0}
+    params: dict[str, Any] = {}
+    for name, decl in codec.params.items():
+        common = name in COMMON_PARAMS
+        key = f"quant.{name}" if common else f"quant.params.{name}"
+        v = node_get(q, name) if common else given.get(name)
+        if v is None and name == "temperature":
+            v = Knobs(node_get(cfg, "student"), dataset_recipe(cfg, "student"), StudentConf).get("temperature")
+        if v is None:
+            v = decl.default
+        if v is None:
+            raise ConfigError(f"quant={mode} needs {key} ({decl.help}); set {key}=<value>")
+        try:
+            v = decl.type(v) if decl.type is not bool or isinstance(v, bool) else str(v).lower() == "true"
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {decl.type.__name__} ({decl.help}), got {v!r}") from None
+        (out if common else params)[name] = v
+    if params:
+        out["params"] = params
+    return out

@@ -71,6 +71,48 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"{path} is corrupt ({e}); delete it and rerun the stage that writes it") from e
 
 
+def unsafe_name(name: Any) -> str | None:
+    """Why ``name`` is not one plain file or folder name (absolute, ``..``, a separator...), or None if it is."""
+    if not isinstance(name, str):
+        return f"not a string but {type(name).__name__}"
+    if not name:
+        return "empty"
+    if "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+        return "a path, not a bare name"
+    if name in (".", ".."):
+        return "a parent or current folder"
+    return None
+
+
+def inside(root: str | os.PathLike, name: Any, what: str, fix: str) -> Path:
+    """``root / name`` for a file name read from a manifest, after checking it cannot point elsewhere.
+
+    Called before anything is opened: a crafted manifest (an absolute path, ``../..``) or a link in the folder
+    that resolves outside it must never make lpld read or write another file.
+
+    Args:
+        root: the folder the file must be in (a label store, an image folder).
+        name: the value the manifest holds (must be one plain file name, no separators).
+        what: where the name was read, for the message ("label store X's manifest.json, arrays.logits.file").
+        fix: what the user does about it.
+
+    Raises:
+        ArtifactError: naming ``what``, the bad value and ``fix``.
+    """
+    root = Path(root)
+    reason = unsafe_name(name)
+    if reason is None:
+        real_root, real = root.resolve(), (root / name).resolve()
+        if real == real_root or real_root not in real.parents:
+            reason = f"it is a link that resolves to {real}, outside the folder"
+    if reason is not None:
+        raise ArtifactError(
+            f"{what} names the file {name!r}, which is not a plain file name inside {root} ({reason}); "
+            f"nothing was opened. {fix}"
+        )
+    return root / name
+
+
 def _update_with_tensor(h: Any, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(str(t.dtype).encode())

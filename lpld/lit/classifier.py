@@ -94,6 +94,7 @@ class ClassifierModule(L.LightningModule):
         out = self.hparams.out_path
         if out and self.trainer.is_global_zero and not self.trainer.interrupted:
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            check_finite_weights(state, "squeeze", "teacher")
             atomic_torch_save(
                 out,
                 {
@@ -105,3 +106,20 @@ class ClassifierModule(L.LightningModule):
                     **(self.hparams.meta or {}),
                 },
             )
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], stage: str, what: str) -> None:
+    """Refuse to store weights with a NaN/inf entry (checked once, before saving), naming the first tensor.
+
+    Raises:
+        ConfigError: the trained weights are not finite (a learning rate too high, or a wrong dataset.mean/std).
+    """
+    from lpld.errors import ConfigError
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(
+            f"stage {stage}: the trained {what} has non-finite weights ({len(bad)} tensor(s), first {bad[0]}); it was "
+            "not saved. Likely cause: a learning rate too high (stage.lr) or a wrong dataset.mean/std; fix it and "
+            f"rerun with stage.overwrite=true"
+        )

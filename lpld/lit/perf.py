@@ -31,6 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lpld.config.precision import resolve_precision  # noqa: F401 - decided in the config layer
+
 
 @dataclass(frozen=True)
 class PerfOptions:
@@ -54,16 +56,6 @@ class PerfOptions:
         if unknown:
             raise ValueError(f"unknown trainer.perf key(s) {unknown}; valid: {sorted(names)}")
         return cls(**{k: (v if k == "compile_mode" else bool(v)) for k, v in d.items()})
-
-
-def resolve_precision(trainer_cfg: Any, stage: str | None, explicit: str | None = None) -> str:
-    """The Lightning precision of a stage: ``explicit`` > ``trainer.stage_precision[stage]`` > ``trainer.precision``."""
-    if explicit is not None:
-        return str(explicit)
-    table = trainer_cfg.get("stage_precision") or {}
-    if stage is not None and table.get(stage) is not None:
-        return str(table[stage])
-    return str(trainer_cfg.get("precision", "32-true"))
 
 
 def apply_backend_flags(opts: PerfOptions, accelerator: str) -> None:

@@ -9,6 +9,7 @@ whose classes are all recorded for this config is skipped (resume).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -18,15 +19,14 @@ from torch.utils.data import DataLoader
 
 from lpld.core.images import save_png, to_uint8
 from lpld.core.recover_job import RecoverJob, class_done, finalize_manifest, write_class_record
-from lpld.core.recover_loss import LossWeights, SegmentLosses
-from lpld.core.recover_methods import get_recover_method
-from lpld.core.synthesis import SynthesisConfig, Unit, plan_units, synthesize
-from lpld.lit.display import log_images_uint8, progress_enabled
+from lpld.core.recover_methods import BatchContext, get_recover_method
+from lpld.lit.display import RecoverProgress, image_log_batches, log_images_uint8
 from lpld.lit.sharding import ShardSampler
 
 
 class RecoverModule(L.LightningModule):
-    """Synthesises the distilled images of a :class:`lpld.core.recover_job.RecoverJob`.
+    """Makes the distilled images of a :class:`lpld.core.recover_job.RecoverJob`: each device batch is one call of
+    the job's method (``lpld.core.recover_methods``: ``run_batch``); this module writes the PNGs and records.
 
     Args:
         teacher: the teacher network the job was planned with.
@@ -111,27 +111,16 @@ class RecoverModule(L.LightningModule):
     # ------------------------------------------------------------------ progress
     def on_predict_start(self) -> None:
         self.teacher.eval()
-        if self.global_rank == 0 and progress_enabled():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+        if self.global_rank == 0:  # classes and iterations (done/total), loss, ETA: lpld.lit.display
             mine = [
                 self.job.batches[i] for i in range(self.global_rank, len(self.job.batches), self.trainer.world_size)
             ]
-            total = sum(len(u) for b in mine for u in b)
-            self._progress = Progress(
-                TextColumn("[bold]recover {task.fields[method]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("classes"),
-                TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(),
-            )
-            self._task = self._progress.add_task("recover", total=total, method=self.job.method, loss="-")
-            self._progress.start()
+            its = int(self.job.settings.get("iterations") or 0)  # methods that iterate (optimize) set it
+            self._progress = RecoverProgress(self.job.method, sum(len(u) for b in mine for u in b), its, len(mine))
 
     def _advance(self, n: int, loss: float | None = None) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, advance=n, **({"loss": f"{loss:.4f}"} if loss is not None else {}))
+            self._progress.classes(n, loss)
 
     # ------------------------------------------------------------------ work
     def predict_step(self, batch_index: int, batch_idx: int = 0) -> None:
@@ -142,13 +131,7 @@ class RecoverModule(L.LightningModule):
             self._advance(len(classes))
             return None
         t0 = time.perf_counter()
-        # one generator per recover-method kind (lpld.core.recover_methods)
-        if job.kind == "optimize":
-            results = self._optimize(units)
-        elif job.kind == "rded":
-            results = self._rded(classes)
-        else:
-            results = self._random_real(classes)
+        results = get_recover_method(job.method).run_batch(self._context(), [list(u) for u in units])
         images_u8 = []
         for c, imgs, _losses in results:
             u8 = to_uint8(imgs, tuple(job.mean), tuple(job.std))
@@ -166,7 +149,7 @@ class RecoverModule(L.LightningModule):
             if tot:
                 m["recover/final_loss"] = sum(tot) / len(tot)
             self.logger.log_metrics(m, step=self._log_step)
-            if job.log_images and self.global_rank == 0:
+            if job.log_images and self.global_rank == 0 and int(batch_index) in image_log_batches(len(job.batches)):
                 log_images_uint8(
                     self.logger,
                     f"recover/batch_{int(batch_index):05d}",
@@ -176,102 +159,34 @@ class RecoverModule(L.LightningModule):
                 )
         return None
 
-    def _synthesis_config(self) -> SynthesisConfig:
-        job, s = self.job, self.job.settings
-        lo = tuple((0.0 - m) / sd for m, sd in zip(job.mean, job.std))
-        hi = tuple((1.0 - m) / sd for m, sd in zip(job.mean, job.std))
-        cda = s.get("cda") or {}
-        return SynthesisConfig(
-            iterations=int(s["iterations"]),
-            lr=float(s["lr"]),
-            ipc=job.ipc,
-            channels=job.channels,
-            image_size=job.image_size,
-            weights=LossWeights(
-                alpha=float(s["alpha"]),
-                first_bn_multiplier=float(s["first_bn_multiplier"]),
-                tv_l2=float(s["tv_l2"]),
-                l2=float(s["l2"]),
-            ),
-            pixel_min=lo,
-            pixel_max=hi,
-            seed=job.seed,
-            rrc_scale_min=float(s["rrc_scale_min"]),
-            rrc_scale_max=float(s["rrc_scale_max"]),
-            flip=bool(s["flip"]),
-            roll=int(s["jitter"]),
-            cda_schedule=cda.get("schedule"),
-            cda_milestone=float(cda.get("milestone", 0.0)),
-            betas=(float(s["betas"][0]), float(s["betas"][1])),
+    def _context(self) -> BatchContext:
+        """What the job's method may use for one device batch (real images are decoded only if it reads them)."""
+        return BatchContext(
+            job=self.job,
+            teacher=self.teacher,
+            device=self.device,
+            real=_RealImages(self),
+            class_mean=self.class_mean,
+            class_var=self.class_var,
+            on_step=self._on_step,
         )
 
-    def _optimize(self, units: list[list[int]]) -> list[tuple[int, torch.Tensor, dict[str, float]]]:
-        job = self.job
-        meth = get_recover_method(job.method)
-        scfg = self._synthesis_config()
-        plan: list[Unit] = []
-        for u in units:
-            plan += plan_units(u, job.ipc, meth.batching, meth.classwise, job.settings.get("group_classes", 1))
-        every = max(1, job.progress_every)
-
-        def on_step(t: int, losses: SegmentLosses) -> None:
-            if t % every and t != scfg.iterations - 1:
-                return
-            # one device->host copy every `progress_every` iterations (never per step)
-            loss, ce, bn = torch.stack([losses.total.mean(), losses.ce.mean(), losses.bn.mean()]).tolist()
-            if self._progress is not None:
-                self._progress.update(self._task, loss=f"{loss:.4f}")
-            if self.logger is not None:
-                self.logger.log_metrics(
-                    {"recover/loss": loss, "recover/ce": ce, "recover/bn": bn, "recover/iteration": t},
-                    step=self._log_step,
-                )
-            self._log_step += every
-
-        with torch.enable_grad():
-            res = synthesize(
-                self.teacher, plan, scfg, self.class_mean, self.class_var, device=self.device, on_step=on_step
+    def _on_step(self, t: int, iterations: int, losses: Mapping[str, torch.Tensor]) -> None:
+        """Progress of an optimising method: losses to the bar / logger every ``progress_every`` steps."""
+        every = max(1, self.job.progress_every)
+        if self._progress is not None:
+            self._progress.step(t, iterations)
+        if t % every and t != iterations - 1:
+            return
+        # one device->host copy every `progress_every` iterations (never per step)
+        values = dict(zip(losses, torch.stack([v.mean() for v in losses.values()]).tolist(), strict=True))
+        if self._progress is not None and "loss" in values:
+            self._progress.step(t, iterations, values["loss"])
+        if self.logger is not None:
+            self.logger.log_metrics(
+                {**{f"recover/{k}": v for k, v in values.items()}, "recover/iteration": t}, step=self._log_step
             )
-        out = []
-        for r in res:
-            for p, c in enumerate(r.classes):
-                out.append((c, r.images[p * job.ipc : (p + 1) * job.ipc], r.class_loss.get(c, {})))
-        return out
-
-    def _rded(self, classes: list[int]) -> list[tuple[int, torch.Tensor, dict[str, float]]]:
-        from lpld.core.rded import class_indices, rded_class_images, sample_class_indices
-
-        job, r = self.job, self.job.settings["rded"]
-        ds = self._real_dataset()
-        groups = []
-        for c in classes:
-            n_c = len(class_indices(ds.targets, c))
-            groups.append(
-                sample_class_indices(ds.targets, c, min(int(r["candidates_per_class"]), n_c), job.seed, "rded")
-            )
-        out = []
-        for c, real in zip(classes, self._load_real(ds, groups), strict=True):
-            imgs, scores = rded_class_images(
-                self.teacher,
-                real,
-                c,
-                job.ipc,
-                job.seed,
-                factor=int(r["factor"]),
-                crops_per_image=int(r["crops_per_image"]),
-                crop_scale=tuple(r["crop_scale"]),
-                device=self.device,
-                style=str(r.get("style", "lpld")),  # records written before the switch used lpld's variant
-            )
-            out.append((c, imgs, {"total": float(-scores.mean()), "ce": float(-scores.mean())}))
-        return out
-
-    def _random_real(self, classes: list[int]) -> list[tuple[int, torch.Tensor, dict[str, float]]]:
-        from lpld.core.rded import random_real_indices
-
-        ds = self._real_dataset()
-        groups = [random_real_indices(ds.targets, c, self.job.ipc, self.job.seed) for c in classes]
-        return [(c, x, {}) for c, x in zip(classes, self._load_real(ds, groups), strict=True)]
+        self._log_step += every
 
     # ------------------------------------------------------------------ end
     def on_predict_end(self) -> None:
@@ -282,3 +197,17 @@ class RecoverModule(L.LightningModule):
         if self.global_rank == 0:
             finalize_manifest(self.job)
         self.trainer.strategy.barrier("recover_manifest")
+
+
+class _RealImages:
+    """The module's real train images as :class:`lpld.core.recover_methods.RealImages` (built on first use)."""
+
+    def __init__(self, module: RecoverModule):
+        self.module = module
+
+    @property
+    def targets(self) -> Sequence[int]:
+        return self.module._real_dataset().targets
+
+    def load(self, groups: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        return self.module._load_real(self.module._real_dataset(), list(groups))

@@ -30,6 +30,7 @@ from torch import nn
 
 from lpld.core import augment, quant
 from lpld.core.label_store import StoreWriter
+from lpld.errors import ConfigError
 
 
 class RelabelModule(L.LightningModule):
@@ -62,6 +63,8 @@ class RelabelModule(L.LightningModule):
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.store_path = str(store_path)
         self.chunk = int(chunk)
+        if self.chunk < 1:  # the commit test below is `batches % chunk`
+            raise ConfigError(f"stage.chunk={chunk!r} must be >= 1 (batches between commits); set stage.chunk=32")
         self._writer: StoreWriter | None = None
         self._n = 0
 

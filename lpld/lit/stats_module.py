@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -60,7 +60,8 @@ class StatsModule(L.LightningModule):
 
     def __init__(self, teacher: torch.nn.Module, teacher_fp: str, job: StatsJob):
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher"])
+        # plain values: a logger's log_hyperparams (csv, wandb) cannot walk a frozen dataclass
+        self.save_hyperparameters({"teacher_fp": teacher_fp, "job": asdict(job)})
         self.teacher, self.teacher_fp, self.job = teacher, teacher_fp, job
         self.acc = ClasswiseBNStats(self.teacher, job.num_classes, mode=job.mode, momentum=job.momentum)
         self.out_path = job.out_path
@@ -128,6 +129,30 @@ class StatsModule(L.LightningModule):
             model=self.job.model_name,
         )
         out["missing_names"] = [self.class_names[i] for i in out["missing"]]
+        check_finite_stats(out)
         self.result = out
         if self.trainer.is_global_zero:
             atomic_torch_save(self.out_path, out)
+
+
+def check_finite_stats(out: dict[str, Any]) -> None:
+    """Refuse statistics with a NaN/inf mean or variance for a class that was seen (unseen classes are NaN on
+    purpose and listed in ``missing``), naming the first class and layer, before anything is written.
+
+    Raises:
+        ConfigError: the teacher's activations are not finite (a NaN teacher, or a wrong dataset.mean/std).
+    """
+    from lpld.errors import ConfigError
+
+    seen = out["count"] > 0
+    for name, mean, var in zip(out["layers"], out["mean"], out["var"], strict=True):
+        bad = ~(torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)) & seen
+        if bool(bad.any()):
+            c = int(torch.nonzero(bad).flatten()[0])
+            label = out["class_names"][c] if c < len(out.get("class_names", [])) else str(c)
+            raise ConfigError(
+                f"stage stats: the class-wise BatchNorm statistics of class {c} ({label}) at layer {name} are not "
+                f"finite (NaN/inf mean or variance; {int(bad.sum())} class(es) affected); nothing was written. The "
+                "teacher or its input is broken: check dataset.mean/std, and retrain the teacher with "
+                "`python run.py stage=squeeze stage.overwrite=true` if its weights are not finite"
+            )

@@ -54,6 +54,38 @@ def conversion_hint(path: Path) -> str:
     )
 
 
+def torch_load_reason(e: BaseException) -> str:
+    """``e``'s message without torch's advice to retry with ``weights_only=False`` (which would run the pickle's
+    code): for a weights-only refusal, only the unpickler's own reason."""
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    reason = " ".join(found.group(1).split()) if found else "not a plain-tensor pickle"
+    return reason.split(" Please use `torch.serialization")[0]
+
+
+def check_plain_tensor_file(path: Path, fix: str) -> None:
+    """Refuse a torch file that the weights-only loader refuses, naming it and ``fix``; read without loading the
+    tensor data (memory-mapped), before Lightning or another loader opens it.
+
+    Raises:
+        UnsafeCheckpointError: the file pickles Python objects (or is not a pickle the weights-only loader reads).
+        ModelCheckpointError: the file cannot be read at all.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles the Python object {found.group(1)}" if found else torch_load_reason(e)
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} is not a plain-tensor file ({what}), so it cannot be trusted: lpld never unpickles "
+            f"Python objects (that can run code hidden in the file); {fix}"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - truncated zip, wrong format: unusable either way
+        raise ModelCheckpointError(f"checkpoint {path} cannot be read ({torch_load_reason(e)}); {fix}") from e
+
+
 def load_weights_file(path: Path) -> object:
     """Read a weights file without ever running pickled code.
 
@@ -133,6 +165,11 @@ def load_model_checkpoint(model: nn.Module, path: str | os.PathLike, model_desc:
         ModelCheckpointError: missing file, unreadable file, or missing / unexpected / mis-shaped keys.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ModelCheckpointError(
+            f"model.checkpoint={path} is a directory, expected a teacher file (.pt) (model {model_desc}); set "
+            "model.checkpoint to the weights file inside it (e.g. .../teacher/teacher.pt), or model.checkpoint=null"
+        )
     if not p.is_file():
         raise ModelCheckpointError(
             f"model.checkpoint={path} does not exist (model {model_desc}); set model.checkpoint to an existing "
@@ -143,7 +180,10 @@ def load_model_checkpoint(model: nn.Module, path: str | os.PathLike, model_desc:
     except ModelCheckpointError:
         raise
     except Exception as e:  # any other read failure means the file is not a usable checkpoint
-        raise ModelCheckpointError(f"could not read checkpoint {p} for model {model_desc}: {e}") from e
+        raise ModelCheckpointError(
+            f"could not read checkpoint {p} for model {model_desc}: {torch_load_reason(e)}; point model.checkpoint "
+            "at a weights file (.safetensors, or a torch.save of a state dict)"
+        ) from e
     target = model.state_dict()
     state = strip_wrapper_prefixes(extract_state_dict(obj, p), set(target))
 

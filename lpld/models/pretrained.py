@@ -18,13 +18,19 @@ from urllib.parse import urlparse
 
 import torch
 
+from lpld.core.errors import ConfigError
+
 # Bound on the reachability probe (DNS + TCP connect); the thread join uses the same bound because
 # socket timeouts do not cover getaddrinfo.
 PROBE_TIMEOUT_S = 0.5
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Published weights could not be obtained. The message names the fix."""
+class PretrainedWeightsError(ConfigError, RuntimeError):
+    """Published weights could not be obtained. The message names the fix.
+
+    A user error (a :class:`ConfigError`: ``run.py`` prints it as one line): the fix is a config change or a
+    network, never lpld's code. Still a RuntimeError for callers that catch it as one.
+    """
 
 
 def _fix_hint() -> str:

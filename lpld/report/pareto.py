@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lpld.report.table import ReportError, _identity, display, get_field
+from lpld.report.table import ReportError, _identity, display, get_field, quant_kind
 
 # label format -> matplotlib marker
 KIND_MARKERS = {"soft": "o", "quant": "^", "hard": "X"}
@@ -57,8 +57,7 @@ class ParetoPoint:
 
 def label_kind(quant: Any) -> str:
     """``soft`` (full logits), ``hard`` (argmax only) or ``quant`` (top-k) from a record's quant field."""
-    q = display(quant) if quant is not None else "none"
-    return "soft" if q == "none" else "hard" if q == "hard" else "quant"
+    return quant_kind(quant)
 
 
 def _disambiguate(labels: dict[tuple, str], groups: dict[tuple, str], idents: dict[tuple, dict[str, str]]) -> None:

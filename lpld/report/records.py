@@ -43,6 +43,11 @@ REQUIRED_FIELDS = (
 )
 
 
+class NoResultsError(ArtifactError, FileNotFoundError):
+    """No results file or folder at the path: a user error (``run.py`` prints one line), and still a
+    FileNotFoundError for callers that test for one."""
+
+
 def results_file(results_dir: str | os.PathLike, name: str = "results") -> Path:
     """Deterministic path of a results file: ``<results_dir>/<name>.jsonl``."""
     if not name or "/" in name or name.startswith("."):
@@ -86,22 +91,34 @@ def load_records(path_or_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a results file, or of every ``*.jsonl`` in a directory (sorted by name).
 
     Raises:
-        ArtifactError: a line is not valid JSON (names the file and line).
-        FileNotFoundError: the path does not exist.
+        NoResultsError: the path does not exist (names it and the fix).
+        ArtifactError: a line is not a JSON object (names the file and line).
     """
     p = Path(path_or_dir)
     if not p.exists():
-        raise FileNotFoundError(f"no results at {p}; run stage=student first")
+        raise NoResultsError(
+            f"no results at {p}; run stage=student first (it writes the records), or set stage.results to an "
+            "existing results .jsonl file or folder"
+        )
     files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
     out: list[dict[str, Any]] = []
     for f in files:
-        for i, raw in enumerate(f.read_text().splitlines(), start=1):
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"results file {f} cannot be read ({e}); point stage.results at a results file") from e
+        for i, raw in enumerate(text.splitlines(), start=1):
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise ArtifactError(f"{f}:{i} is not a JSON record ({e}); remove that line") from e
+            if not isinstance(rec, dict):
+                raise ArtifactError(
+                    f"{f}:{i} is not a results record (a JSON object; got a JSON {type(rec).__name__}); remove that "
+                    "line, or point stage.results at a file stage=student wrote"
+                )
             out.append(rec)
     return out
 

@@ -78,13 +78,34 @@ def display(value: Any) -> str:
     if isinstance(value, Mapping):
         if "name" in value:
             return str(value["name"])
-        if "mode" in value:  # a quant record {mode, k, temperature}: "none", "hard", "mr10", "ms50"
-            k = value.get("k")
-            return f"{value['mode']}{k}" if k and value["mode"] in ("mr", "ms") else str(value["mode"])
+        if "mode" in value:  # a quant record {mode, k, temperature}: its codec's label ("none", "hard", "mr10")
+            q = quant_config(value)
+            return q.label if q is not None else str(value["mode"])
         return str(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def quant_config(value: Mapping[str, Any]) -> Any:
+    """The QuantConfig of a record's quant field, or None when its codec is not registered in this process."""
+    from lpld.core.quant import QuantConfig, list_label_codecs
+
+    if value.get("mode") not in list_label_codecs():
+        return None
+    try:
+        return QuantConfig(**{k: value[k] for k in ("mode", "k", "temperature", "params") if k in value})
+    except (TypeError, ValueError):
+        return None
+
+
+def quant_kind(value: Any) -> str:
+    """How a plot marks a record's label format: ``soft`` (full logits), ``quant`` or ``hard`` (the codec says)."""
+    q = quant_config(value) if isinstance(value, Mapping) else None
+    if q is not None:
+        return q.codec.report_kind
+    name = display(value) if value is not None else "none"
+    return "soft" if name == "none" else "hard" if name == "hard" else "quant"
 
 
 def canonical(value: Any) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from lpld.config.schema import check_known_keys
@@ -31,7 +33,7 @@ log = logging.getLogger("lpld")
 STAGES: dict[str, str] = {
     "squeeze": "train the teacher on the full real train set",
     "stats": "record class-wise BatchNorm statistics of the teacher",
-    "recover": "synthesize the distilled images (lpld, sre2l, lpld_c, cda, rded, random_real)",
+    "recover": "make the distilled images with recover=<method> (registry: lpld.core.recover_methods)",
     "relabel": "generate the (pruned, quantized) soft-label store",
     "student": "train/evaluate a student on distilled images + stored labels",
     "storage": "print the storage accounting of a label store, or predict it for a config",
@@ -39,59 +41,12 @@ STAGES: dict[str, str] = {
     "report": "turn results records into paper-shaped tables and a Pareto plot",
     "analyze": "diversity metrics (cosine similarity, MMD), Eq. 8, image grids",
     "pipeline": "squeeze -> stats -> recover -> relabel -> student over a small grid, then report",
+    "show": "print the resolved experiment of stage.of and the artifacts it reads / writes (nothing runs)",
+    "artifacts": "list the artifacts of a dataset: key values, complete or not (stage.kind=images: one kind)",
 }
 
 
-# Whole-number keys: a float (ipc=2.5) or a non-number (ipc=abc) is refused naming the key, never truncated.
-INT_KEYS = (
-    "ipc",
-    "seed",
-    "teacher_seed",
-    "dataset.num_classes",
-    "dataset.image_size",
-    "dataset.channels",
-    "recover.iterations",
-    "recover.jitter",
-    "recover.classes_per_batch",
-    "recover.class_start",
-    "recover.class_end",
-    "recover.group_classes",
-    "quant.k",
-    "student.epochs",
-    "student.batch_size",
-    "student.accumulate",
-    "stage.epochs",
-    "stage.batch_size",
-    "relabel.epochs",
-    "relabel.batch_size",
-    "stage.chunk",
-    "stage.val_every",
-    "stage.ckpt_every",
-)
 DEBUG_ENV = ("LPLD_DEBUG", "HYDRA_FULL_ERROR")  # either set to 1: user errors keep their traceback
-
-
-def check_config_types(cfg: DictConfig) -> None:
-    """Refuse non-integer values of the whole-number keys (``INT_KEYS``), naming the key and an example fix.
-
-    Raises:
-        ConfigError: e.g. ``ipc=2.5`` or ``seed=abc``.
-    """
-    from omegaconf import OmegaConf
-
-    for key in INT_KEYS:
-        try:
-            v = OmegaConf.select(cfg, key, default=None)
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
-            continue
-        if v is None or isinstance(v, bool) or isinstance(v, int):
-            continue
-        if isinstance(v, float) and v.is_integer():
-            continue
-        if isinstance(v, str) and re.fullmatch(r"[+-]?\d+", v.strip()):
-            continue
-        hint = f"{key}={int(v)}" if isinstance(v, float) else f"{key}=10" if key in ("ipc", "quant.k") else f"{key}=0"
-        raise ConfigError(f"{key}={v!r} is not a whole number; set {key}=<integer>, e.g. {hint}")
 
 
 def _keys_with_value(cfg: DictConfig, value: str) -> list[str]:
@@ -122,7 +77,9 @@ _BAD_NUMBER = re.compile(r"(?:invalid literal for int\(\) with base \d+|could no
 
 def translate_error(e: BaseException, cfg: DictConfig | None = None) -> BaseException:
     """The user-facing error for ``e``: a failed number conversion names its config key; an OS write failure
-    (disk full, read-only or forbidden folder) names the folder and the fix; anything else is returned as is."""
+    (disk full, read-only or forbidden folder) names the folder and the fix; the errors of
+    :mod:`lpld.stages.error_text` (worker-wrapped, report, missing user file, unsafe pickle, out of memory, no GPU)
+    become user errors; anything else (a bug) is returned as is and keeps its traceback."""
     from lpld.core.io import write_error
 
     if isinstance(e, ValueError) and not isinstance(e, ConfigError) and cfg is not None:
@@ -137,20 +94,125 @@ def translate_error(e: BaseException, cfg: DictConfig | None = None) -> BaseExce
         out = write_error(e, e.filename or "the artifacts folder", "this stage")
         if out is not None:
             return out
-    return e
+    from lpld.stages.error_text import translate  # workers, reports, missing user files, pickles, OOM, no GPU
+
+    return translate(e, cfg) or e
 
 
 def debug_requested() -> bool:
     return any(os.environ.get(k, "0") not in ("", "0") for k in DEBUG_ENV)
 
 
+# Exit status of a stage stopped by SIGTERM: 128 + 15, what a shell reports for a process killed by SIGTERM, so
+# a scheduler (SLURM at the time limit or on preemption) sees a failure, never success.
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+class StageInterrupted(BaseException):
+    """Raised by lpld's SIGTERM handler in the main thread (a BaseException: no ``except Exception`` of a stage
+    swallows it); :func:`user_errors` turns it into one line and exit status :data:`SIGTERM_EXIT`."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise StageInterrupted(signum)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """``e`` is a SIGTERM stop: ours, or Lightning's ``SIGTERMException`` (a ``SystemExit`` whose code is None,
+    i.e. status 0, if it reached the interpreter)."""
+    if isinstance(e, StageInterrupted):
+        return True
+    try:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return False
+    return isinstance(e, SIGTERMException)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the stage runs, SIGTERM raises :class:`StageInterrupted` in the main thread.
+
+    Inside a Trainer, Lightning's own handler runs first (it chains ours): it forwards the signal to the ranks it
+    launched and, under SLURM, keeps the ``SLURMEnvironment`` auto-requeue that Lightning enables by default
+    (``SLURMEnvironment(auto_requeue=True)`` is detected from the SLURM variables, and build_trainer leaves the
+    plugin alone: the requeue signal saves and requeues the job, the requeued job reruns the same command and
+    resumes from last.ckpt). Without ours, SIGTERM in ``trainer.predict`` (recover, relabel) would be ignored and
+    in ``fit`` / ``test`` would end the process with status 0.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Failed jobs of this process's multirun: (job number, overrides, message), summarised by MultirunFailed.
+_MULTIRUN_FAILURES: list[tuple[int, list[str], str]] = []
+
+
+def _multirun_job() -> tuple[int, list[str]] | None:
+    """(job number, overrides) when this process runs the jobs of a Hydra multirun in-process, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not launched through @hydra.main (compose API, tests)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return int(hc.job.get("num", 0) or 0), list(hc.overrides.task)
+
+
+class MultirunFailed(CompactHydraException):
+    """A user error in one job of a multirun: Hydra records the job as failed and runs the others, then raises the
+    first failure, which Hydra prints without a traceback (a CompactHydraException): the list of all failed jobs."""
+
+    def __str__(self) -> str:
+        lines = [f"  job {n} ({' '.join(o) or 'no overrides'}): {m}" for n, o, m in _MULTIRUN_FAILURES]
+        if not lines:  # raised in another process (a launcher plugin): its own message
+            return f"lpld error: {self.args[0] if self.args else 'a multirun job failed'}"
+        return (
+            f"lpld error: {len(lines)} multirun job(s) failed (the other jobs ran to the end); fix these and rerun "
+            "them (finished jobs are reused):\n" + "\n".join(lines)
+        )
+
+
 @contextmanager
 def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
     """Turn user errors into one printed message and exit status 1 (``LPLD_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``
-    re-raise them with their traceback); every other exception propagates unchanged."""
+    re-raise them with their traceback); every other exception propagates unchanged.
+
+    A SIGTERM while the stage runs prints one line naming the stage and exits with :data:`SIGTERM_EXIT` (143).
+    In a Hydra multirun run in this process, a user error fails only its job: the other jobs run, and the
+    multirun ends with the list of failed jobs and exit status 1.
+    """
+    stage = str(cfg.stage.get("name", "?")) if cfg is not None and cfg.get("stage") is not None else "?"
     try:
-        yield
-    except Exception as e:  # noqa: BLE001 - sorted below
+        with _sigterm_raises():
+            yield
+    except BaseException as e:  # noqa: BLE001 - sorted below
+        if _interrupted(e):
+            slurm = (
+                " (SLURM: resubmit the job; with `#SBATCH --signal=SIGUSR1@90` Lightning's auto-requeue requeues it)"
+                if os.environ.get("SLURM_JOB_ID")
+                else ""
+            )
+            print(
+                f"lpld error: stage {stage} was interrupted (SIGTERM, exit status {SIGTERM_EXIT}); rerun the same "
+                f"command to resume (finished work and the last checkpoint are kept){slurm}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(SIGTERM_EXIT) from None
+        if not isinstance(e, Exception):
+            raise
         err = translate_error(e, cfg)
         if not isinstance(err, user_error_types()):
             raise
@@ -159,6 +221,10 @@ def user_errors(cfg: DictConfig | None = None) -> Iterator[None]:
                 raise
             raise err from e
         print(f"lpld error: {err}\n(set LPLD_DEBUG=1 to see the traceback)", file=sys.stderr, flush=True)
+        job = _multirun_job()
+        if job is not None:
+            _MULTIRUN_FAILURES.append((job[0], job[1], str(err)))
+            raise MultirunFailed(str(err)) from None
         raise SystemExit(1) from None
 
 
@@ -169,8 +235,14 @@ def log_once() -> None:
     up the root logger (as every stage does), each Lightning message is then printed twice, bare and through
     Hydra. With a root handler in place, the package handlers are removed and the messages propagate to it; a
     run without one (``hydra/job_logging=disabled``, the compose API) keeps Lightning's handlers.
+
+    Then the console is made quiet (:func:`lpld.lit.display.quiet_console`): Lightning's tips and accelerator
+    lines, known library warnings and wandb's chatter are shown only with ``LPLD_DEBUG=1``.
     """
+    from lpld.lit.display import quiet_console
+
     if not logging.getLogger().hasHandlers():
+        quiet_console()
         return
     import lightning  # noqa: F401 - its import adds the handlers removed here (later imports do not add more)
     import lightning.fabric  # noqa: F401
@@ -181,6 +253,7 @@ def log_once() -> None:
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
+    quiet_console()
 
 
 def seed_everything(seed: int) -> None:
@@ -191,6 +264,42 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
+def check_dataset_normalisation(cfg: DictConfig) -> None:
+    """Refuse a non-finite ``dataset.mean`` / ``dataset.std`` or a std <= 0 (it would train a NaN teacher and write
+    NaN statistics), naming the key.
+
+    Raises:
+        ConfigError: e.g. ``dataset.mean=[nan]`` or ``dataset.std=[0,0.2,0.2]``.
+    """
+    import math
+
+    from omegaconf import OmegaConf
+
+    if cfg.get("dataset") is None:
+        return
+    for key in ("mean", "std"):
+        try:
+            v = OmegaConf.select(cfg, f"dataset.{key}", default=None)
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
+            continue
+        if v is None:
+            continue
+        values = list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
+        for i, x in enumerate(values):
+            try:
+                f = float(x)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"dataset.{key}[{i}]={x!r} is not a number; set dataset.{key}=[<one number per channel>]"
+                ) from None
+            if not math.isfinite(f) or (key == "std" and f <= 0):
+                need = "a finite number > 0" if key == "std" else "a finite number"
+                raise ConfigError(
+                    f"dataset.{key}[{i}]={x!r} must be {need}; set dataset.{key}=[<one value per channel>] (the "
+                    "dataset's per-channel pixel statistics in [0, 1]), or drop the override to use the dataset's own"
+                )
+
+
 def run_stage(cfg: DictConfig) -> Any:
     """Import and run the stage named by ``cfg.stage.name``; return what the stage returns
     (e.g. relabel's ``{"path": ...}``, which the pipeline hands to the student)."""
@@ -198,11 +307,29 @@ def run_stage(cfg: DictConfig) -> Any:
     if name not in STAGES:
         valid = "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items())
         raise ConfigError(f"unknown stage '{name}'. Valid stages (stage=<name>):\n{valid}")
-    check_config_types(cfg)
-    check_known_keys(cfg)
+    check_known_keys(cfg)  # keys no schema defines, values the composed nodes cannot type (ipc, seed ...)
+    check_dataset_normalisation(cfg)
+    importlib.import_module("lpld.stages.preflight").preflight(cfg)  # value ranges and memory, before any work
     seed_everything(int(cfg.seed))
+    if cfg.get("show", False) and name != "show":  # `<any command> show=true`: describe it, run nothing
+        from lpld.stages.show import show, target_overrides
+
+        return show(cfg, target_overrides(None))
     module = importlib.import_module(f"lpld.stages.{name}")
-    return module.run(cfg)
+    out = module.run(cfg)
+    _index_written(cfg)
+    return out
+
+
+def _index_written(cfg: DictConfig) -> None:
+    """Rank 0, after a stage finished: record the values behind the keys it wrote (lpld.artifacts.catalog), so a
+    later run that misses an artifact is told the closest existing one and what differs."""
+    writes_nothing = ("show", "artifacts", "pipeline", "plan", "report")  # the pipeline's steps index themselves
+    if int(os.environ.get("RANK", "0")) != 0 or str(cfg.stage.name) in writes_nothing:
+        return
+    from lpld.artifacts.catalog import record_written
+
+    record_written(cfg)
 
 
 def dispatch(cfg: DictConfig) -> float | None:

@@ -243,12 +243,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if mode == "eq8":
         return {"out_dir": str(out), "eq8": eq8.as_dict()}
 
-    from lpld.stages.common import load_teacher
+    from lpld.artifacts import teacher as teacher_artifact
 
     dirs = method_dirs(cfg)
     if not dirs:
         raise ConfigError("nothing to analyse: set stage.methods=[lpld,...] or stage.image_dirs={label: /path}")
-    teacher, teacher_fp = load_teacher(cfg)
+    teacher, teacher_fp = teacher_artifact.load(cfg)
     device = _device(cfg)
     teacher.to(device)
     bs = int(st.get("feature_batch_size", 256))

@@ -7,6 +7,7 @@ Lightning objects and checks artifacts.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lpld.artifacts import teacher as teacher_artifact
-from lpld.lit.display import log_images_uint8, progress_enabled  # noqa: F401 - moved to lit; re-exported
+from lpld.lit.display import progress_enabled
 
 log = logging.getLogger("lpld")
 
@@ -59,20 +60,65 @@ def build_teacher_model(cfg: DictConfig) -> torch.nn.Module:
     return build_model(cfg.model, num_classes=spec.num_classes, in_chans=spec.channels, img_size=spec.image_size)
 
 
-# the teacher artifact (path, reading, loading) lives in lpld.artifacts.teacher; old names kept
-read_teacher_file, load_teacher = teacher_artifact.read, teacher_artifact.load
+def _tag(fn: Any) -> str | None:
+    try:
+        v = fn()
+    except Exception:  # noqa: BLE001 - a knob this stage does not resolve is left out of the name
+        return None
+    return None if v is None or v == "" else str(v)
 
 
 def run_name(cfg: DictConfig, stage: str) -> str:
-    return f"{stage}-{cfg.dataset.name}-{teacher_artifact.teacher_name(cfg)}-ipc{cfg.ipc}-s{cfg.seed}"
+    """The W&B run name: ``<stage>-<method>-ipc<ipc>-<prune>-<quant tag>-s<seed>`` where they apply.
+
+    student / relabel: all of them (student adds ``-hard`` for hard labels and the pruning metric when it is not
+    random); recover / analyze: method, ipc, seed; squeeze / stats: the teacher; report: the results name.
+    Unique within a pipeline (one run per step of its plan).
+    """
+    from lpld.artifacts import labels
+
+    def g(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=None)
+
+    teacher = _tag(lambda: teacher_artifact.teacher_name(cfg))
+    method, ipc, seed = _tag(lambda: g("recover.name")), _tag(lambda: int(cfg.ipc)), _tag(lambda: int(cfg.seed))
+    if stage in ("squeeze", "stats"):
+        parts = [stage, _tag(lambda: g("dataset.name")), teacher]
+    elif stage == "report":
+        res = _tag(lambda: g("stage.results"))
+        parts = [stage, _tag(lambda: g("stage.results_name")) or (Path(res).stem if res else "all")]
+    elif stage in ("recover", "analyze"):
+        parts = [stage, method, ipc and f"ipc{ipc}", seed and f"s{seed}"]
+    elif stage in ("relabel", "student"):
+        parts = [
+            stage,
+            method,
+            ipc and f"ipc{ipc}",
+            _tag(lambda: g("prune.name")),
+            _tag(lambda: labels.quant_config(cfg).tag),
+        ]
+        if stage == "student":
+            metric = _tag(lambda: g("metric.name"))
+            parts += [metric if metric not in (None, "random") else None]
+            parts += ["hard" if _tag(lambda: g("student.loss")) == "ce" else None]
+        parts.append(seed and f"s{seed}")
+    else:
+        parts = [stage, _tag(lambda: g("dataset.name")), teacher, ipc and f"ipc{ipc}", seed and f"s{seed}"]
+    return "-".join(p for p in parts if p)
 
 
 def run_group(cfg: DictConfig) -> str | None:
-    """The W&B group of this run: ``logger.group`` (the pipeline sets its results name for every step), else
-    the Hydra multirun's name (``<config name>-<sweep dir name>``), else None (a lone run is not grouped)."""
+    """The W&B group of this run: ``logger.group`` (a pipeline sets one per invocation for its steps:
+    :func:`pipeline_group`), else the Hydra multirun's name (``<config name>-<sweep dir name>``), else None (a
+    lone run is not grouped)."""
     group = cfg.logger.get("group") if cfg.get("logger") is not None else None
     if group:
         return str(group)
+    return sweep_group()
+
+
+def sweep_group() -> str | None:
+    """``<config name>-<sweep dir name>`` inside a Hydra multirun job, else None."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -85,30 +131,28 @@ def run_group(cfg: DictConfig) -> str | None:
     return None
 
 
-def logged_config(cfg: DictConfig) -> dict[str, Any]:
-    """What W&B records as the run's config: the resolved spec (``lpld.config.resolve``), i.e. the values the
-    stage uses after the precedence, plus the trainer / logger presets that are not knob groups."""
-    from lpld.config import resolve
+def pipeline_group(cfg: DictConfig, results_name: str) -> str:
+    """The W&B group of one pipeline invocation's steps: the sweep's group inside a multirun (all its jobs form one
+    group), else ``<results name>-<YYYYmmdd-HHMMSS>`` decided once, when the pipeline starts."""
+    import time
+
+    return sweep_group() or f"{results_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def logged_config(cfg: DictConfig, store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What W&B records as the run's config: :func:`lpld.config.experiment.experiment_config`, the same mapping
+    ``stage=show`` prints and the results records carry (the student passes its store's manifest)."""
+    from lpld.config.experiment import experiment_config
     from lpld.errors import ConfigError
 
     try:
-        spec = resolve(cfg).to_dict()
+        return experiment_config(cfg, store_manifest)
     except ConfigError as e:  # the stage itself refuses the config with the same message, naming the fix
-        log.debug("resolved spec unavailable for the logger (%s)", e)
-        spec = {}
-    return {**spec, "trainer": to_container(cfg.get("trainer")), "overrides": _task_overrides()}
+        log.debug("resolved experiment unavailable for the logger (%s)", e)
+        return {}
 
 
-def _task_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
-        return []
-
-
-def build_logger(cfg: DictConfig, stage: str, name: str | None = None):
+def build_logger(cfg: DictConfig, stage: str, name: str | None = None, store_manifest: dict[str, Any] | None = None):
     """Lightning logger from ``cfg.logger`` (wandb | csv | none); ``None`` for none.
 
     W&B: the runs of one pipeline or sweep share a ``group`` (:func:`run_group`), ``job_type`` is the stage,
@@ -127,7 +171,11 @@ def build_logger(cfg: DictConfig, stage: str, name: str | None = None):
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        return WandbLogger(
+        from lpld.lit.display import debug_console
+
+        if not debug_console():
+            os.environ.setdefault("WANDB_SILENT", "true")  # no `wandb:` lines unless the user asked (WANDB_SILENT)
+        wl = WandbLogger(
             project=str(cfg.logger.project),
             entity=cfg.logger.get("entity"),
             name=name,
@@ -135,8 +183,12 @@ def build_logger(cfg: DictConfig, stage: str, name: str | None = None):
             job_type=stage,
             save_dir=str(save_dir),
             mode=str(cfg.logger.mode),
-            config=logged_config(cfg),
+            config=logged_config(cfg, store_manifest),
         )
+        init = getattr(wl, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)  # Lightning passes None: wandb >= 0.19 warns "anonymous has no effect"
+        return wl
     raise ValueError(f"unknown logger '{kind}'; choose logger=wandb|csv|none")
 
 
@@ -163,6 +215,24 @@ def log_metrics(logger: Any, metrics: dict[str, float], step: int | None = None)
         logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def log_summary(logger: Any, values: dict[str, Any]) -> None:
+    """Set the run's summary (W&B: ``run.summary``, the values a dashboard's runs table shows; other loggers:
+    logged as metrics). Rank 0 only; the values are stored as given (the record's floats, unrounded)."""
+    if logger is None or not values:
+        return
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(dict(values))
+    else:
+        num = {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+        if num:
+            logger.log_metrics(num)
+
+
 def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = None, **overrides: Any):
     """A lightning.Trainer from the ``trainer`` preset (cpu, gpu, ddp, ddp_spawn, ddp_cpu).
 
@@ -174,6 +244,7 @@ def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = 
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from lpld.lit.display import progress_every, timed_progress
     from lpld.lit.perf import GpuPerf, PerfOptions, apply_backend_flags, resolve_precision
 
     t = cfg.trainer
@@ -182,9 +253,12 @@ def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = 
     perf = PerfOptions.from_cfg(t.get("perf"))
     apply_backend_flags(perf, str(t.accelerator))
     callbacks = [*(callbacks or []), GpuPerf(perf)]
-    bar = progress_enabled() and overrides.pop("enable_progress_bar", True)
+    wanted = overrides.pop("enable_progress_bar", True)
+    bar = progress_enabled() and wanted
     if bar:
         callbacks.append(RichProgressBar(leave=True) if _rich_ok() else TQDMProgressBar())
+    elif wanted and progress_every() > 0 and stage != "recover":  # recover prints its own (iterations)
+        callbacks.append(timed_progress(str(stage or "lpld")))  # non-TTY (SLURM log): a plain line every N s
     kwargs: dict[str, Any] = dict(
         accelerator=str(t.accelerator),
         devices=t.devices,

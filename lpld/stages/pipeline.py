@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lpld.artifacts import results as results_artifact
 from lpld.errors import ConfigError
 from lpld.stages import run_stage
+from lpld.stages.common import pipeline_group
 
 log = logging.getLogger("lpld")
 
@@ -51,7 +52,7 @@ class Pipeline:
         self.results_name = results_artifact.pipeline_name(cfg)
         self.timings: list[tuple[str, float]] = []
         if cfg.get("logger") is not None and "group" in cfg.logger and not cfg.logger.group:
-            self.base.append(f"logger.group={self.results_name}")  # W&B: the steps' runs form one group
+            self.base.append(f"logger.group={pipeline_group(cfg, self.results_name)}")  # W&B: one per invocation
         for name, over in self.steps.items():
             bad = [o for o in over if o.lstrip("+~").startswith("relabel.")]
             if bad:  # the student finds the store from the same knobs: they must reach every step
@@ -68,34 +69,51 @@ class Pipeline:
         self.timings.append((label, time.perf_counter() - t0))
         return out
 
-    def run(self) -> list[dict[str, Any]]:
+    def grid(self) -> list[tuple[str, str, list[str]]]:
+        """The student grid: (recover method, prune option, extra student choices) per cell."""
         st = self.cfg.stage
-        quant = [f"quant={st.quant}"] if st.get("quant") else []
-        self.step("squeeze", [], "squeeze: teacher")
-        self.step("stats", [], "stats: class-wise BN statistics")
-        grid: list[tuple[str, str, list[str]]] = []  # (method, prune, extra student choices)
+        grid: list[tuple[str, str, list[str]]] = []
         for m in st.methods:
             grid += [(str(m), str(p), []) for p in st.prunes]
         for m in st.baselines:
             grid += [(str(m), str(p), []) for p in st.baseline_prunes]
         if st.hard_labels and st.methods:
             grid.append((str(st.methods[0]), str(st.prunes[0]), ["student=hard"]))
-        for m in dict.fromkeys(g[0] for g in grid):
-            self.step("recover", [f"recover={m}"], f"recover: {m}")
+        return grid
+
+    def quant(self) -> list[str]:
+        q = self.cfg.stage.get("quant")
+        return [f"quant={q}"] if q else []
+
+    def plan(self) -> list[tuple[str, list[str], str]]:
+        """Every step in order, as (stage name, group choices, label): what :meth:`run` runs and ``stage=show``
+        lists. A pruning metric selects from the store made at ``metric.source_prune`` (Table 5 protocol);
+        random pruning reads a store generated at the target ratio (only kept batches computed)."""
+        quant, grid = self.quant(), self.grid()
+        steps: list[tuple[str, list[str], str]] = [
+            ("squeeze", [], "squeeze: teacher"),
+            ("stats", [], "stats: class-wise BN statistics"),
+        ]
+        steps += [("recover", [f"recover={m}"], f"recover: {m}") for m in dict.fromkeys(g[0] for g in grid)]
         res = [f"stage.results_name={self.results_name}"]
         metric = self.cfg.get("metric") or {}
         for m, p, extra in grid:
-            # A pruning metric selects from the store made at metric.source_prune (Table 5 protocol);
-            # random pruning reads a store generated at the target ratio (only kept batches computed).
             src = str(metric.get("source_prune", "1x")) if metric.get("name", "random") != "random" else p
             # the student derives the store from the same config (lpld.artifacts.labels), no path is handed over
-            self.step("relabel", [f"recover={m}", f"prune={src}", *quant], f"relabel: {m} {src}")
-            self.step(
-                "student",
-                [f"recover={m}", f"prune={p}", *quant, *extra, *res],
-                f"student: {m} {p}{' hard labels' if extra else ''}",
+            steps.append(("relabel", [f"recover={m}", f"prune={src}", *quant], f"relabel: {m} {src}"))
+            steps.append(
+                (
+                    "student",
+                    [f"recover={m}", f"prune={p}", *quant, *extra, *res],
+                    f"student: {m} {p}{' hard labels' if extra else ''}",
+                )
             )
-        return self.collect(grid, quant)
+        return steps
+
+    def run(self) -> list[dict[str, Any]]:
+        for name, choices, label in self.plan():
+            self.step(name, choices, label)
+        return self.collect(self.grid(), self.quant())
 
     def collect(self, grid: list[tuple[str, str, list[str]]], quant: list[str]) -> list[dict[str, Any]]:
         """The latest record of each grid cell, from this pipeline's results file."""

@@ -117,7 +117,7 @@ def _student_plan(
     """The student's memory per rank (images, weights + gradients + optimizer state, the replayed batch), and its
     host bytes."""
     from lpld.config import student_settings
-    from lpld.stages.student import student_model_cfg
+    from lpld.config.student_run import student_model_cfg
 
     student = _model(student_model_cfg(cfg), ds.num_classes, ds.channels, ds.image_size)
     s_params = _params(student)
@@ -147,14 +147,14 @@ def _student_plan(
 
 def plan(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
     """The predictions for ``cfg`` at world size ``world`` (None: the trainer preset's); see the module doc."""
+    from lpld.artifacts import labels as labels_artifact
     from lpld.dist import planned_world_size
     from lpld.stages.common import dataset_spec
-    from lpld.stages.relabel import build_spec
 
     st = cfg.stage
     w = int(world or st.get("world_size") or planned_world_size(cfg))
     ds = dataset_spec(cfg)
-    spec = build_spec(cfg)
+    spec = labels_artifact.store_spec(cfg)
     n = spec.num_images
     img_u8 = n * ds.channels * ds.image_size * ds.image_size
     acc = predict_store(spec)

@@ -25,28 +25,18 @@ from omegaconf import DictConfig
 
 from lpld.artifacts import images as images_artifact
 from lpld.artifacts import stats as stats_artifact
-from lpld.config import recover_settings as resolve_settings  # resolved in lpld.config (old name kept)
+from lpld.config import recover_settings
 from lpld.core.images import read_manifest
 from lpld.core.io import (
     ArtifactError,
     fingerprint_obj,
     fingerprint_tensors,
 )
-from lpld.core.recover_job import (  # noqa: F401 - re-exported: the job and its records moved to core
-    RECORD,
-    RecoverJob,
-    base_manifest,
-    class_done,
-    finalize_manifest,
-    write_class_record,
-)
-from lpld.core.recover_methods import get_recover_method, list_recover_methods
+from lpld.core.recover_job import RecoverJob
+from lpld.core.recover_methods import get_recover_method
 from lpld.stages import ConfigError
 
 log = logging.getLogger("lpld")
-
-# method -> how its images are made (a view of the registry in lpld.core.recover_methods)
-METHODS: dict[str, dict[str, Any]] = {m: get_recover_method(m).as_dict() for m in list_recover_methods()}
 
 
 def _get(node: Any, key: str, default: Any = None) -> Any:
@@ -80,18 +70,9 @@ def plan_batches(
     settings: dict[str, Any], classes: list[int], ipc: int, classes_per_batch: int
 ) -> list[list[list[int]]]:
     """Device batches -> units -> class ids. A unit holds the classes that must be optimised together."""
-    from lpld.core.synthesis import plan_units
-
     if classes_per_batch < 1:
         raise ConfigError(f"recover.classes_per_batch must be >= 1, got {classes_per_batch}")
-    meth = METHODS[settings["name"]]
-    if meth["kind"] == "optimize":
-        units = [
-            list(u.classes)
-            for u in plan_units(classes, ipc, meth["batching"], meth["classwise"], settings.get("group_classes", 1))
-        ]
-    else:
-        units = [[c] for c in classes]
+    units = get_recover_method(settings["name"]).plan(classes, ipc, settings)  # lpld.core.recover_methods
     per = max(1, classes_per_batch // max(len(u) for u in units))
     return [units[i : i + per] for i in range(0, len(units), per)]
 
@@ -130,14 +111,14 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
     """Resolve and validate everything (raises before anything is written)."""
     from lpld.stages.common import dataset_spec
 
-    settings = resolve_settings(cfg)
-    meth = METHODS[settings["name"]]
+    settings = recover_settings(cfg)
+    meth = get_recover_method(settings["name"])
     spec = dataset_spec(cfg)
     classes = class_range(cfg, settings)
     rc = cfg.recover
     allow_other = bool(_get(rc, "allow_other_teacher", False))
     stats_fp, stats_path = None, None
-    if meth["kind"] == "optimize" and meth["classwise"]:
+    if meth.classwise:
         from lpld.core.bnstats import load_classwise_stats
 
         p = Path(str(_get(rc, "stats_path"))) if _get(rc, "stats_path") else stats_artifact.path(cfg)
@@ -185,7 +166,7 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
     }
     return RecoverJob(
         method=settings["name"],
-        kind=meth["kind"],
+        kind=meth.kind,
         out_dir=str(images_artifact.path(cfg)),
         ipc=int(cfg.ipc),
         seed=int(cfg.seed),
@@ -225,11 +206,13 @@ def _class_names(cfg: DictConfig, n: int) -> list[str]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Synthesise (or resume) the distilled images at ``lpld.artifacts.images.path(cfg)``."""
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.lit.recover_module import RecoverModule
-    from lpld.stages.common import build_logger, build_trainer, finish_logger, load_teacher, to_container
+    from lpld.stages.common import build_logger, build_trainer, finish_logger, to_container
 
-    teacher, teacher_fp = load_teacher(cfg)
+    teacher, teacher_fp = teacher_artifact.load(cfg)
     job = build_job(cfg, teacher, teacher_fp)
+    check_feasible(cfg, job)  # before the output folder exists: a refused config leaves nothing behind
     from lpld import dist
 
     # rank 0 decides fresh / resume / done and creates the folder; every rank takes its decision (a child
@@ -266,6 +249,75 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finish_logger(logger)
     man = read_manifest(job.out_dir) or {}
     return {"out_dir": job.out_dir, "state": state, **_summary(man)}
+
+
+def check_real_images(cfg: DictConfig, job: RecoverJob) -> None:
+    """recover=random_real copies ``ipc`` distinct real images of every class: refuse an ipc above the smallest
+    class of the train set, naming that class and the largest ipc that works.
+
+    Raises:
+        ConfigError: before the output folder is created.
+    """
+    from collections import Counter
+
+    from lpld.data import build_dataset
+    from lpld.stages.common import to_container
+
+    ds = dict(to_container(cfg.dataset))
+    if ds.get("in_memory"):
+        ds["in_memory"] = False  # only the labels are counted: list the files, decode nothing
+    counts = Counter(build_dataset(ds, "train").targets)
+    short = [(counts.get(c, 0), c) for c in job.classes if counts.get(c, 0) < job.ipc]
+    if short:
+        have, c = min(short)
+        name = job.class_names[c] if c < len(job.class_names) else str(c)
+        largest = min(counts.get(k, 0) for k in job.classes)
+        raise ConfigError(
+            f"recover={job.method} ipc={job.ipc} needs {job.ipc} real images of every class, but class {c} ({name}) "
+            f"has only {have} in the train set ({len(short)} class(es) too small); set ipc<={largest}, or use a "
+            "recover method that synthesises images (e.g. recover=lpld)"
+        )
+
+
+def device_batch_rows(job: RecoverJob) -> int:
+    """Images in the largest device batch (its classes x ipc)."""
+    return max((sum(len(unit) for unit in batch) for batch in job.batches), default=0) * job.ipc
+
+
+def device_batch_bytes(cfg: DictConfig, job: RecoverJob) -> int:
+    """fp32 bytes of the largest device batch an optimising method holds at once: the images, their gradient,
+    Adam's two moments, and the teacher's activations kept for the backward pass to the images (measured as
+    ``stage=plan`` does, one forward on the ``meta`` device)."""
+    from lpld.stages.common import to_container
+    from lpld.stages.plan import _model, activation_bytes_per_sample
+
+    rows, chw = device_batch_rows(job), job.channels * job.image_size**2
+    try:
+        meta = _model(to_container(cfg.model), job.num_classes, job.channels, job.image_size)
+        act, _ = activation_bytes_per_sample(meta, job.channels, job.image_size)
+    except Exception as e:  # noqa: BLE001 - an architecture the meta device cannot run: the images alone
+        log.debug("recover memory check without activations (%s)", e)
+        act = 0
+    return rows * (chw * 4 * 4 + act * 4)
+
+
+def check_feasible(cfg: DictConfig, job: RecoverJob) -> None:
+    """Refuse what cannot finish, before anything is written: too few real images for random_real, device batches
+    larger than the memory (``lpld.stages.preflight.check_fits``)."""
+    from lpld.stages.preflight import check_fits
+
+    if job.kind == "random_real":
+        check_real_images(cfg, job)
+    elif job.kind == "optimize":
+        check_fits(
+            cfg,
+            device_batch_bytes(cfg, job),
+            f"a device batch of {device_batch_rows(job):,d} images being optimised (fp32 images, gradients, Adam "
+            "moments and the teacher's activations)",
+            "lower ipc (a class's ipc images are optimised together) or recover.classes_per_batch, or run on a "
+            "machine with more memory",
+            source="predicted from the config before anything is written",
+        )
 
 
 def _planned_world(cfg: DictConfig) -> int:

@@ -28,8 +28,6 @@ log = logging.getLogger("lpld")
 
 
 # the label store's identity and path live in lpld.artifacts.labels; these names stay for old callers
-quant_config, aug_config, build_spec = labels.quant_config, labels.aug_config, labels.store_spec
-store_key, store_path = labels.key, labels.path
 
 
 def load_relabel_teacher(cfg: DictConfig) -> tuple[Any, str, dict[str, Any]]:
@@ -84,8 +82,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"distilled images at {images_dir} are {tuple(images.shape[1:])}, dataset={ds.name} expects "
             f"{(ds.channels, ds.image_size, ds.image_size)}; rerun stage=recover for this dataset"
         )
-    spec = build_spec(cfg, num_images=images.shape[0])
-    path = store_path(cfg)
+    spec = labels.store_spec(cfg, num_images=images.shape[0])
+    path = labels.path(cfg)
     png_bytes = sum(p.stat().st_size for p in images_dir.rglob("*.png"))
     meta = {
         "images_fingerprint": img_man.get("images_fingerprint"),
@@ -130,4 +128,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows = sorted(acc_tbl["components"].items()) + [("npy_headers", acc_tbl["npy_headers"])]
         print(format_table(rows, f"label store {path} ({len(store)} batches)"))
         print(f"bytes on disk (incl. manifest): {on_disk:,d}; disk / accounting = {on_disk / acc_tbl['total']:.4f}")
+        if state != "complete":  # a rerun that found the store complete did no work: no W&B run
+            log_store(cfg, man, len(store), on_disk)
     return {"path": str(path), "batches": len(store), "label_bytes": acc_tbl["total"], "disk_bytes": on_disk}
+
+
+def log_store(cfg: DictConfig, manifest: dict[str, Any], batches: int, on_disk: int) -> None:
+    """The relabel run in W&B (job_type relabel, in the pipeline's / sweep's group): the store's accounting as the
+    run's summary: label bytes, record bytes, batches, bytes on disk and each component."""
+    from lpld.stages.common import build_logger, finish_logger, log_summary
+
+    acc = manifest["accounting"]
+    total = int(acc["total"])
+    values: dict[str, Any] = {
+        "relabel/label_bytes": total,
+        "relabel/labels_only_bytes": int(acc.get("labels_bytes", total)),
+        "relabel/record_bytes": int(acc.get("records_bytes", 0)),
+        "relabel/batches": int(batches),
+        "relabel/disk_bytes": int(on_disk),
+        **{f"relabel/bytes/{k}": int(v) for k, v in sorted(acc["components"].items())},
+    }
+    logger = build_logger(cfg, "relabel")
+    try:
+        if logger is not None:
+            from lpld.stages.common import log_metrics
+
+            log_metrics(logger, values)
+            log_summary(logger, values)
+    finally:
+        finish_logger(logger)

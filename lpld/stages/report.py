@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lpld.artifacts import results as results_artifact
 from lpld.core.io import atomic_write_bytes
-from lpld.errors import ConfigError
+from lpld.errors import ArtifactError, ConfigError
 from lpld.lit.display import log_images_uint8
 from lpld.report.pareto import pareto_plot, pareto_points
-from lpld.report.records import load_records
-from lpld.report.table import filter_records, pivot, table_strings, to_csv, to_long_csv, to_markdown
+from lpld.report.records import REQUIRED_FIELDS, load_records
+from lpld.report.table import ReportError, filter_records, pivot, to_csv, to_long_csv, to_markdown
 from lpld.stages.common import build_logger, finish_logger
 
 log = logging.getLogger("lpld")
@@ -67,6 +67,28 @@ def resolve_inputs(cfg: DictConfig) -> tuple[Path, Path]:
     return src, src.parent / "reports" / src.stem
 
 
+def checked_records(src: Path) -> list[dict[str, Any]]:
+    """The records at ``src``, refusing an empty source and lines that are not results records of lpld.
+
+    Raises:
+        ArtifactError: naming ``src`` (and the line) and the fix.
+    """
+    records = load_records(src)
+    if not records:
+        where = f"no *.jsonl file in {src}" if src.is_dir() else f"{src} is empty"
+        raise ArtifactError(
+            f"no results records to report: {where}; run stage=student first (it writes the records), or set "
+            "stage.results to a results .jsonl file that holds some"
+        )
+    for i, rec in enumerate(records, start=1):
+        if not any(k in rec for k in REQUIRED_FIELDS):
+            raise ArtifactError(
+                f"record {i} of {src} is not a results record (keys {sorted(rec)[:5]}; stage=student writes "
+                f"{', '.join(REQUIRED_FIELDS[:6])}, ...); remove it, or set stage.results to a file stage=student wrote"
+            )
+    return records
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     st = cfg.stage
     rows, cols = _as_list(st.get("rows"), "rows"), _as_list(st.get("cols"), "cols")
@@ -74,9 +96,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     where = _flatten(OmegaConf.to_container(st.where, resolve=True)) if st.get("where") else None
     digits, scale, ddof = int(st.get("digits", 1)), float(st.get("scale", 1.0)), int(st.get("ddof", 1))
     src, out = resolve_inputs(cfg)
-    records = load_records(src)
+    records = checked_records(src)
     log.info("report: %d records from %s", len(records), src)
-    table = pivot(records, rows=rows, cols=cols, value=value, where=where)
+    try:
+        table = pivot(records, rows=rows, cols=cols, value=value, where=where)
+    except ReportError as e:
+        raise ConfigError(f"{e} (records from {src})") from e
     if table.dropped_duplicates:
         log.warning("report: %d duplicate record(s) of one run and seed; kept the latest", table.dropped_duplicates)
     title = str(st.get("title") or (f"{src.stem} results" if src.is_file() else "results"))
@@ -89,15 +114,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(md)
     rgb = None
     if bool(st.get("pareto", True)):
-        pts = pareto_points(filter_records(records, where), value=value, group=str(st.get("pareto_group", "method")))
-        png, rgb = pareto_plot(pts, value=value, scale=scale, title=title)
+        try:
+            group = str(st.get("pareto_group", "method"))
+            pts = pareto_points(filter_records(records, where), value=value, group=group)
+            png, rgb = pareto_plot(pts, value=value, scale=scale, title=title)
+        except ReportError as e:
+            raise ConfigError(f"{e} (records from {src}); or set stage.pareto=false") from e
         atomic_write_bytes(out / "pareto.png", png)
     logger = build_logger(cfg, "report")
     try:
         if logger is not None:
-            grid = table_strings(table, digits, scale, ddof)
-            if hasattr(logger, "log_table"):
-                logger.log_table(key="report/table", columns=grid[0], data=grid[1:])
+            from lpld.report.wandb_log import log_report
+
+            log_report(logger, table, filter_records(records, where), scale, ddof)  # numeric table + W&B chart
             if rgb is not None and bool(cfg.logger.get("log_images", True)):
                 pareto = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
                 # a caption is always passed: WandbLogger.log_image fails on caption=None (lightning 2.x)

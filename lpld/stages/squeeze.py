@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from lpld.artifacts import overwrite as overwrite_artifact
 from lpld.artifacts import teacher as teacher_artifact
-from lpld.config import squeeze_settings  # noqa: F401 - resolved in lpld.config (re-exported)
+from lpld.config import squeeze_settings
 from lpld.core.io import drop_aside, fingerprint_obj, release_lock
 from lpld.errors import ConfigError
 from lpld.lit.fit import fit_with_resume, resumable_checkpoint
@@ -19,7 +21,6 @@ from lpld.stages.common import (
     dataset_spec,
     finish_logger,
     num_workers,
-    read_teacher_file,
     to_container,
 )
 
@@ -43,6 +44,45 @@ def teacher_config_fingerprint(cfg: DictConfig) -> str:
     return fingerprint_obj(
         {"dataset": ds, "model": to_container(cfg.model), "optim": squeeze_settings(cfg), "seed": teacher_seed(cfg)}
     )
+
+
+def check_epochs(epochs: int) -> None:
+    """Refuse a schedule of no epochs: it would store the untrained teacher as finished.
+
+    Raises:
+        ConfigError: ``stage.epochs`` (or ``dataset.recipe.squeeze.epochs``) below 1.
+    """
+    if int(epochs) < 1:
+        raise ConfigError(
+            f"stage.epochs={epochs} (or dataset.recipe.squeeze.epochs) trains nothing and would store an untrained "
+            "teacher; set stage.epochs=<at least 1>, or give the teacher with model.checkpoint=/path/to/weights.pt "
+            "or model.pretrained=true"
+        )
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and write / delete a probe file in it, so a read-only or full artifacts folder is refused
+    before any work is done, naming the folder and the fix.
+
+    Raises:
+        ArtifactError: the folder cannot be created or written (``lpld.core.io.write_error``'s message).
+    """
+    import os
+    import tempfile
+
+    from lpld.core.io import write_error
+
+    where = folder if folder.is_dir() else folder.parent  # probe without leaving an empty artifact folder behind
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        err = write_error(e, folder, what)
+        if err is None:
+            raise
+        raise err from e
 
 
 def _reuse_or_prepare(cfg: DictConfig, cfg_fp: str) -> dict[str, Any] | None:
@@ -115,11 +155,20 @@ def _train(cfg: DictConfig, st: dict[str, Any], module: Any, loaders: tuple[Data
             train_dataloaders=loaders[0],
             val_dataloaders=loaders[1],
             what="teacher",
+            check_resume=_check_resume,
             raise_if_interrupted=False,
+            stage="squeeze",
         )
     finally:
         finish_logger(logger)
     return trainer
+
+
+def _check_resume(last: Path) -> None:
+    """Refuse a teacher ``last.ckpt`` that pickles objects (never torch's "retry with weights_only=False")."""
+    from lpld.models.checkpoint import check_plain_tensor_file
+
+    check_plain_tensor_file(last, "delete it, or rerun with stage.overwrite=true to retrain the teacher from scratch")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -136,6 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     weights = teacher_artifact.path(cfg)
     cfg_fp = teacher_config_fingerprint(cfg)
     st = squeeze_settings(cfg)
+    check_epochs(st["epochs"])
     try:  # the recipe's batch is global: each of W ranks loads batch / W images per step
         per_rank = dist.per_rank_batch(st["batch_size"], dist.planned_world_size(cfg), "stage.batch_size")
     except ValueError as e:
@@ -144,6 +194,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if reused is not None:
         log.info("teacher exists at %s (val %s); reusing it (stage.overwrite=true retrains)", weights, reused)
         return {"reused": True, **reused}
+    if dist.rank() == 0:
+        check_writable(out_dir, "stage squeeze")  # a read-only folder fails now, not after an epoch of training
     spec = dataset_spec(cfg)
     L.seed_everything(teacher_seed(cfg), workers=True, verbose=False)
     loaders = _dataloaders(cfg, st, per_rank)
@@ -163,8 +215,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise RuntimeError(
             f"teacher training was interrupted; rerun the same command to resume from {out_dir / 'last.ckpt'}"
         )
-    blob = read_teacher_file(weights)
+    blob = teacher_artifact.read(weights)
     if dist.rank() == 0:
+        overwrite_artifact.finished(out_dir)
         drop_aside(out_dir)
         release_lock(out_dir)
     log.info("teacher saved to %s: %s", weights, blob["val"])

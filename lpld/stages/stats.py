@@ -9,10 +9,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from lpld.artifacts import overwrite as overwrite_artifact
 from lpld.artifacts import stats as stats_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core.io import drop_aside, release_lock
 from lpld.lit.stats_module import StatsJob, StatsModule
-from lpld.stages.common import build_logger, build_trainer, finish_logger, load_teacher, log_metrics, to_container
+from lpld.stages.common import build_logger, build_trainer, finish_logger, log_metrics, to_container
+from lpld.stages.squeeze import check_writable
 
 log = logging.getLogger("lpld")
 
@@ -41,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lpld import dist
 
     out = stats_artifact.path(cfg)
-    teacher, teacher_fp = load_teacher(cfg)  # fails early with the fix if there is no teacher
+    teacher, teacher_fp = teacher_artifact.load(cfg)  # fails early with the fix if there is no teacher
 
     def decide() -> str:
         """Rank 0: "reuse" the finished stats, or "compute" (after moving an overwritten file aside)."""
@@ -51,14 +54,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if dist.decide(decide, follow="compute", accelerator=dist.accelerator_of(cfg)) == "reuse":
         log.info("class-wise stats exist at %s for this teacher; reusing them", out)
         return {"reused": True}
+    if dist.rank() == 0:
+        check_writable(out.parent, "stage stats")  # a read-only folder fails now, not after the pass
     module = StatsModule(teacher, teacher_fp, stats_job(cfg, out))
     logger = build_logger(cfg, "stats")
     try:
         trainer = build_trainer(cfg, logger=logger, use_distributed_sampler=False, inference_mode=True)
-        trainer.test(module, verbose=False)
-        dist.barrier()  # rank 0 wrote the stats in on_test_epoch_end; per-rank launches read them next
-        if not out.exists():
-            raise RuntimeError("stats pass did not finish; rerun the same command")
+        # stage.overwrite=true: the old stats move aside only now that the pass starts; back if it fails
+        overwrite_artifact.begin(out)
+        try:
+            trainer.test(module, verbose=False)
+            dist.barrier()  # rank 0 wrote the stats in on_test_epoch_end; per-rank launches read them next
+            if not out.exists():
+                raise RuntimeError("stats pass did not finish; rerun the same command")
+        except BaseException:
+            overwrite_artifact.restore(out)
+            raise
         res = torch.load(out, map_location="cpu", weights_only=True)
         if res["missing"]:
             log.warning(
@@ -73,6 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         finish_logger(logger)
     if dist.rank() == 0:
+        overwrite_artifact.finished(out)
         drop_aside(out)
         release_lock(out)
     log.info("class-wise BN stats over %d images, %d layers -> %s", n, len(res["layers"]), out)

@@ -16,7 +16,6 @@ finished run so a rerun does not append a second record) and one JSON record per
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from lpld.artifacts import results as results_artifact
 from lpld.artifacts import students as students_artifact
 from lpld.artifacts import teacher as teacher_artifact
 from lpld.config import metric_settings, student_settings  # noqa: F401 - resolved in lpld.config (re-exported)
-from lpld.config.compose import group_option
+from lpld.config.student_run import store_config, student_model_cfg, world_size  # noqa: F401 - re-exported
 from lpld.core import quant
 from lpld.core.io import (
     ArtifactError,
@@ -43,7 +42,15 @@ from lpld.core.io import (
 from lpld.core.label_pool import pool_size, select_pool
 from lpld.core.prune_metrics import batch_score, per_sample_scores
 from lpld.stages import ConfigError
-from lpld.stages.common import build_logger, build_trainer, dataset_spec, finish_logger, num_workers, to_container
+from lpld.stages.common import (
+    build_logger,
+    build_trainer,
+    dataset_spec,
+    finish_logger,
+    log_summary,
+    logged_config,
+    num_workers,
+)
 
 log = logging.getLogger("lpld")
 
@@ -51,47 +58,11 @@ log = logging.getLogger("lpld")
 extra_callbacks: list[Any] = []
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# settings
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def student_model_cfg(cfg: DictConfig) -> dict[str, Any]:
-    """Student architecture: ``student.arch`` (+ ``arch_knobs``), or the teacher's architecture.
-
-    Never inherits the teacher's weights (pretrained/checkpoint/tag are dropped): a fresh student.
-    """
-    teacher = to_container(cfg.model)
-    arch = cfg.student.get("arch")
-    knobs = dict(to_container(cfg.student.get("arch_knobs") or {}))
-    if arch is None or str(arch) == str(teacher["name"]):
-        base = {k: v for k, v in teacher.items() if k not in ("pretrained", "checkpoint", "tag")}
-    else:  # the architecture's default knobs from its model config (the `model` group option of that name)
-        arch_cfg = to_container(group_option("model", str(arch), "student.arch"))
-        base = {k: v for k, v in arch_cfg.items() if k not in ("pretrained", "checkpoint", "tag")}
-    base.update(knobs)
-    base["pretrained"] = False
-    return base
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# inputs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _with_prune(cfg: DictConfig, prune_name: str) -> DictConfig:
-    """A copy of cfg whose ``prune`` group is the option ``prune=<prune_name>`` (composed by Hydra)."""
-    out = copy.deepcopy(cfg)
-    out.prune = group_option("prune", prune_name, "metric.source_prune")
-    return out
-
-
 def label_store_dir(cfg: DictConfig) -> Path:
-    """Directory of the label store this student reads (``stage.store`` overrides)."""
+    """Directory of the label store this student reads (``stage.store`` overrides; lpld.config.student_run)."""
     if cfg.stage.get("store"):
         return students_artifact.store_dir(cfg)
-    m = metric_settings(cfg)
-    return students_artifact.store_dir(cfg, _with_prune(cfg, m["source_prune"]) if m["name"] != "random" else cfg)
+    return students_artifact.store_dir(cfg, store_config(cfg))
 
 
 def students_dir(store_dir: Path) -> Path:
@@ -334,12 +305,21 @@ def load_inputs(cfg: DictConfig) -> StudentInputs:
     metric = metric_settings(cfg)
     images_dir = images_artifact.path(cfg)
     teacher_fp = teacher_artifact.fingerprint(cfg)
+    images_artifact.require(cfg)
     images, labels, img_man = load_distilled(
         images_dir,
         expect_teacher_fingerprint=teacher_fp,
         allow_other_teacher=bool(cfg.stage.get("allow_other_teacher", False)),
     )
     store_dir = label_store_dir(cfg)
+    if not cfg.stage.get("store") and not (store_dir / "manifest.json").is_file():
+        from lpld.artifacts import labels as labels_artifact
+        from lpld.artifacts.catalog import missing_hint
+
+        raise ArtifactError(
+            f"no label store at {store_dir}; run `python run.py stage=relabel` with the same overrides first"
+            + missing_hint(cfg, "labels", labels_artifact.spec(store_config(cfg)))
+        )
     store = LabelStore.open(store_dir, verify=str(cfg.stage.get("verify", "fast")))
     st = student_settings(cfg, store.manifest)
     check_store(store, img_man, images, spec, st, store_dir)
@@ -362,7 +342,7 @@ def run_files(cfg: DictConfig, inp: StudentInputs) -> RunFiles:
         settings=inp.settings,
         metric=inp.metric,
         images_fingerprint=inp.images_manifest.get("images_fingerprint"),
-        world=_world_size(cfg),
+        world=world_size(cfg),
         precision=resolve_precision(cfg.trainer, "student"),
     )
     results = results_artifact.path(cfg, str(cfg.stage.get("results_name", "results")))
@@ -444,8 +424,7 @@ def train(cfg: DictConfig, inp: StudentInputs, module: Any, data: Any, files: Ru
     st, run_dir = inp.settings, files.run_dir
     ckpt = resumable_checkpoint(run_dir, int(cfg.stage.get("ckpt_every", 1)), save_on_train_epoch_end=True)
     val_every = int(cfg.stage.get("val_every", 10))
-    name = f"student-{inp.spec.name}-{cfg.recover.name}-ipc{cfg.ipc}-{files.run_key}"
-    logger = build_logger(cfg, "student", name=name)
+    logger = build_logger(cfg, "student", store_manifest=inp.manifest)  # name: common.run_name
     t0 = time.perf_counter()
     try:
         trainer = build_trainer(
@@ -470,6 +449,10 @@ def train(cfg: DictConfig, inp: StudentInputs, module: Any, data: Any, files: Ru
         fit_s = time.perf_counter() - t0
         evaluator = build_trainer(cfg, logger=False, use_distributed_sampler=False, enable_progress_bar=False)
         res = evaluator.validate(module, datamodule=data, verbose=False)[0]
+        # the final evaluation is the record's accuracy: the run's summary holds the same floats (also when
+        # epochs < val_every, where the fit logged no validation at all)
+        final = {k: float(res[k]) for k in ("val/top1", "val/top5") if k in res}
+        log_summary(logger, {**final, **{k.split("/")[1]: v for k, v in final.items()}, "run_key": files.run_key})
     finally:
         finish_logger(logger)
     return trainer, res, fit_s
@@ -482,6 +465,9 @@ def _check_checkpoint(last: Path, run_dir: Path) -> None:
             "same command with stage.overwrite=true to retrain this student from scratch (the old run folder is "
             f"kept as {run_dir.name}.replaced until the new run finishes)"
         )
+    from lpld.models.checkpoint import check_plain_tensor_file  # never torch's "retry with weights_only=False"
+
+    check_plain_tensor_file(last, "delete it, or rerun with stage.overwrite=true to retrain this student from scratch")
 
 
 def _raise_if_disk_full(e: BaseException, run_dir: Path) -> None:
@@ -502,7 +488,7 @@ def build_record(
 
     man, images = inp.manifest, inp.images
     return {
-        "config": to_container(cfg),
+        "config": logged_config(cfg, man),  # the resolved experiment: what stage=show prints and W&B logs
         "method": str(cfg.recover.name),
         "dataset": inp.spec.name,
         "teacher": teacher_artifact.teacher_name(cfg),
@@ -535,7 +521,7 @@ def build_record(
         "store_dir": str(inp.store_dir),
         "pool_batches": int(len(pool.rows)),
         # the recipe at this world size: ranks split each stored batch, so the global batch is the store's
-        "world_size": _world_size(cfg),
+        "world_size": world_size(cfg),
         "global_batch": int(man["batch_size"]),
         **_epoch_accounting(trainer),
     }
@@ -581,13 +567,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"top1": record["top1"], "top5": record["top5"]}
 
 
-def _world_size(cfg: DictConfig) -> int:
-    """Processes the trainer preset will run (devices x nodes; devices=-1 means every visible GPU)."""
-    from lpld.dist import planned_world_size
-
-    return planned_world_size(cfg)
-
-
 def _steps_per_epoch(cfg: DictConfig, batches_per_epoch: int) -> int:
     """Optimizer steps per epoch: one per stored batch at any world size (ranks split each batch's rows)."""
     return int(batches_per_epoch)
@@ -629,7 +608,11 @@ def _ensure_record(out: Path, done: dict[str, Any], cfg: DictConfig) -> None:
             out,
         )
         return
-    record = dict(record, config=to_container(cfg))  # same run (same run_key); this command's config
+    from lpld.core.io import read_json
+
+    man_file = Path(str(record.get("store_dir", ""))) / "manifest.json"
+    man = read_json(man_file) if man_file.is_file() else None
+    record = dict(record, config=logged_config(cfg, man))  # same run (same run_key); this command's experiment
     put_record(out, record)
     log.info("student %s: wrote its record to %s", run_key, out)
 

@@ -10,7 +10,8 @@ import torch
 from conftest import compose_cfg, tiny_overrides, write_image_tree
 from torch import nn
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core import augment
 from lpld.core.augment import AugConfig
 from lpld.core.io import atomic_torch_save, fingerprint_state_dict
@@ -111,7 +112,7 @@ def save_random_teacher(cfg) -> str:
     torch.manual_seed(0)
     state = build_teacher_model(cfg).state_dict()
     fp = fingerprint_state_dict(state)
-    atomic_torch_save(paths.teacher_weights_path(cfg), {"state_dict": state, "fingerprint": fp, "val": {}})
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": state, "fingerprint": fp, "val": {}})
     return fp
 
 
@@ -121,9 +122,9 @@ def student_cfg(root: Path, extra: tuple[str, ...] = ()):
 
     ov = stage_overrides(root, extra)
     cfg = compose_cfg(["stage=recover", *ov])
-    if not paths.teacher_weights_path(cfg).exists():
+    if not teacher_artifact.path(cfg).exists():
         save_random_teacher(cfg)
-    if not (paths.images_dir(cfg) / "manifest.json").exists():
+    if not (images_artifact.path(cfg) / "manifest.json").exists():
         dispatch(cfg)
     dispatch(compose_cfg(["stage=relabel", *ov]))
     return compose_cfg(["stage=student", *ov])

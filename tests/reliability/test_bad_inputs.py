@@ -16,12 +16,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
+from lpld.config.compose import compose as compose_overrides
+from lpld.config.schema import check_known_keys
 from lpld.core.images import class_dir_name, image_hashes, images_fingerprint, load_distilled, save_png
 from lpld.core.io import ArtifactError, atomic_torch_save, atomic_write_json
 from lpld.core.label_store import LabelStore, done_bitmap, prepare
 from lpld.core.quant import QuantConfig
 from lpld.data.errors import DatasetError
-from lpld.stages import ConfigError, check_config_types, run_stage, translate_error
+from lpld.stages import ConfigError, run_stage, translate_error
 
 from .helpers import META, build_store, compose_cfg, copy_store, flip_byte, npy_data_offset, spec
 
@@ -61,9 +63,9 @@ def with_(cfg, **updates):
 
 
 def recover_settings(cfg):
-    from lpld.stages.recover import resolve_settings
+    from lpld.config import recover_settings
 
-    return resolve_settings(cfg)
+    return recover_settings(cfg)
 
 
 def class_range(cfg):
@@ -145,14 +147,14 @@ def load_stats(p, fp=None):
 
 
 def teacher_file(tmp: Path, blob=None, raw: bytes | None = None):
-    from lpld.stages.common import read_teacher_file
+    from lpld.artifacts import teacher as teacher_artifact
 
     p = tmp / "teacher.pt"
     if raw is not None:
         p.write_bytes(raw)
     else:
         atomic_torch_save(p, blob)
-    return read_teacher_file(p)
+    return teacher_artifact.read(p)
 
 
 def bad_image(tmp: Path, data: bytes, name="x.jpg"):
@@ -204,37 +206,37 @@ def small_spec(**kw):
 # (id, call(ctx, tmp), exception type, substrings the message must hold: the key or file, and the fix)
 CASES: list[tuple[str, Callable, type, list[str]]] = [
     # config types: the key and an example value
-    ("ipc=abc", lambda c, t: check_config_types(with_(c["cfg"], ipc="abc")), ConfigError, ["ipc='abc'", "ipc=10"]),
-    ("ipc=2.5", lambda c, t: check_config_types(with_(c["cfg"], ipc=2.5)), ConfigError, ["ipc=2.5", "ipc=2"]),
-    ("seed=abc", lambda c, t: check_config_types(with_(c["cfg"], seed="abc")), ConfigError, ["seed='abc'", "seed="]),
-    ("seed=1.5", lambda c, t: check_config_types(with_(c["cfg"], seed=1.5)), ConfigError, ["seed=1.5", "seed=1"]),
+    ("ipc=abc", lambda c, t: check_known_keys(with_(c["cfg"], ipc="abc")), ConfigError, ["ipc='abc'", "ipc=10"]),
+    ("ipc=2.5", lambda c, t: check_known_keys(with_(c["cfg"], ipc=2.5)), ConfigError, ["ipc=2.5", "ipc=2"]),
+    ("seed=abc", lambda c, t: check_known_keys(with_(c["cfg"], seed="abc")), ConfigError, ["seed='abc'", "seed="]),
+    ("seed=1.5", lambda c, t: check_known_keys(with_(c["cfg"], seed=1.5)), ConfigError, ["seed=1.5", "seed=1"]),
     (
         "teacher_seed=x",
-        lambda c, t: check_config_types(with_(c["cfg"], teacher_seed="x")),
+        lambda c, t: check_known_keys(with_(c["cfg"], teacher_seed="x")),
         ConfigError,
         ["teacher_seed='x'", "teacher_seed=<integer>"],
     ),
     (
         "quant.k=2.5",
-        lambda c, t: check_config_types(with_(c["cfg"], quant__k=2.5)),
+        lambda c, t: compose_overrides(["quant.k=2.5"]),
         ConfigError,
         ["quant.k=2.5", "quant.k=2"],
     ),
     (
         "student.epochs=ten",
-        lambda c, t: check_config_types(with_(c["cfg"], student__epochs="ten")),
+        lambda c, t: compose_overrides(["student.epochs=ten"]),
         ConfigError,
         ["student.epochs='ten'", "student.epochs=<integer>"],
     ),
     (
         "recover.iterations=1.5",
-        lambda c, t: check_config_types(with_(c["cfg"], recover__iterations=1.5)),
+        lambda c, t: check_known_keys(with_(c["cfg"], recover__iterations=1.5)),
         ConfigError,
         ["recover.iterations=1.5", "recover.iterations=1"],
     ),
     (
         "dataset.image_size=big",
-        lambda c, t: check_config_types(with_(c["cfg"], dataset__image_size="big")),
+        lambda c, t: compose_overrides(["dataset.image_size=big"]),
         ConfigError,
         ["dataset.image_size='big'", "dataset.image_size=<integer>"],
     ),

@@ -14,7 +14,9 @@ import lightning as L
 import pytest
 import torch
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import results as results_artifact
+from lpld.artifacts import teacher as teacher_artifact
 from lpld.core.io import ArtifactError, aside_path
 from lpld.core.label_store import LabelStore
 from lpld.report.records import load_records
@@ -43,15 +45,15 @@ def _root(cfg):
 
 
 def _results(cfg, name="results"):
-    return paths.results_dir(cfg) / f"{name}.jsonl"
+    return results_artifact.dir(cfg) / f"{name}.jsonl"
 
 
 def test_truncated_logits_then_overwrite_regenerates_the_store(tmp_path):
     cfg = student_cfg(tmp_path)
     relabel_cfg = compose_cfg(["stage=relabel", *stage_overrides(tmp_path)])
-    from lpld.stages.relabel import store_path
+    from lpld.artifacts import labels as labels_artifact
 
-    store = store_path(relabel_cfg)
+    store = labels_artifact.path(relabel_cfg)
     good = (store / "logits.npy").read_bytes()
     (store / "logits.npy").write_bytes(good[: len(good) // 2])
     with pytest.raises(ArtifactError, match="stage.overwrite=true") as ei:
@@ -167,9 +169,9 @@ def test_recover_iterations_zero_is_refused_and_the_fix_works(tmp_path):
     with pytest.raises(ConfigError, match=r"recover\.iterations.*recover\.iterations=1000"):
         dispatch(cfg)
     fixed = compose_cfg(["stage=recover", *ov, "recover=sre2l", "recover.iterations=2"])
-    assert not paths.images_dir(fixed).parent.exists()  # nothing written
+    assert not images_artifact.path(fixed).parent.exists()  # nothing written
     dispatch(fixed)
-    assert json.loads((paths.images_dir(fixed) / "manifest.json").read_text())["complete"]
+    assert json.loads((images_artifact.path(fixed) / "manifest.json").read_text())["complete"]
 
 
 def test_stats_from_another_teacher_names_the_recover_key_and_it_works(tmp_path):
@@ -183,13 +185,11 @@ def test_stats_from_another_teacher_names_the_recover_key_and_it_works(tmp_path)
 
     torch.manual_seed(1)
     state = build_teacher_model(cfg).state_dict()
-    atomic_torch_save(
-        paths.teacher_weights_path(cfg), {"state_dict": state, "fingerprint": fingerprint_state_dict(state)}
-    )
+    atomic_torch_save(teacher_artifact.path(cfg), {"state_dict": state, "fingerprint": fingerprint_state_dict(state)})
     with pytest.raises(ArtifactError, match=r"recover\.allow_other_teacher=true"):
         dispatch(compose_cfg(["stage=recover", *ov]))
     dispatch(compose_cfg(["stage=recover", *ov, "recover.allow_other_teacher=true"]))  # Hydra accepts the key
-    assert json.loads((paths.images_dir(cfg) / "manifest.json").read_text())["complete"]
+    assert json.loads((images_artifact.path(cfg) / "manifest.json").read_text())["complete"]
 
 
 def test_disk_full_during_student_cleans_partial_checkpoints_and_resumes(tmp_path, monkeypatch):

@@ -19,7 +19,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from lpld import paths
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import results as results_artifact
+from lpld.artifacts import stats as stats_artifact
+from lpld.artifacts import teacher as teacher_artifact
+from lpld.artifacts.base import dataset_dir
 from lpld.core.images import images_fingerprint
 from lpld.core.io import lock_path
 
@@ -83,7 +87,7 @@ def root(tmp_path):
 def test_kill9_squeeze(root):
     ov = ["stage=squeeze", *stage_overrides(root), "stage.epochs=6", "stage.batch_size=4"]
     cfg = compose_cfg(ov)
-    d = paths.teacher_dir(cfg)
+    d = teacher_artifact.dir(cfg)
 
     def weights(p: Path):
         sd = torch.load(p / "teacher.pt", weights_only=True)["state_dict"]
@@ -96,7 +100,7 @@ def test_kill9_stats(root):
     ov = ["stage=stats", *stage_overrides(root)]
     cfg = compose_cfg(ov)
     save_random_teacher(cfg)
-    out = paths.stats_path(cfg)
+    out = stats_artifact.path(cfg)
 
     def stats(p: Path):
         s = torch.load(p, weights_only=True)
@@ -117,7 +121,7 @@ def test_kill9_recover(root):
     ]
     cfg = compose_cfg(ov)
     save_random_teacher(cfg)
-    d = paths.images_dir(cfg)
+    d = images_artifact.path(cfg)
     check(
         root,
         ov,
@@ -135,9 +139,9 @@ def test_kill9_relabel(root):
     save_random_teacher(rc)
     dispatch(rc)
     ov = ["stage=relabel", *base, "relabel.epochs=400", "stage.chunk=1"]
-    from lpld.stages.relabel import store_path
+    from lpld.artifacts import labels as labels_artifact
 
-    d = store_path(compose_cfg(ov))
+    d = labels_artifact.path(compose_cfg(ov))
     check(root, ov, lambda: d, lambda: any(d.glob("progress.*.npy")), lambda p: tree_digest(p, "*.npy"))
 
 
@@ -150,7 +154,7 @@ def test_kill9_student(root):
     dispatch(rc)
     dispatch(compose_cfg(["stage=relabel", *base]))
     ov = ["stage=student", *base, "stage.val_every=0"]
-    students = paths.dataset_dir(rc)
+    students = dataset_dir(rc)
 
     def run_dir() -> Path:
         return next(students.rglob("final.json")).parent
@@ -166,11 +170,11 @@ def test_kill9_student(root):
     d = run_dir()
     ref = weights(d)
     shutil.move(d, str(d) + ".ref")
-    (paths.results_dir(rc) / "results.jsonl").unlink()
+    (results_artifact.dir(rc) / "results.jsonl").unlink()
     rc_kill = run_cli(root, ov, kill_when=lambda: (d / "last.ckpt").exists())
     assert rc_kill == -signal.SIGKILL
     run_cli(root, ov)
     assert weights(d) == ref
     from lpld.report.records import load_records
 
-    assert len(load_records(paths.results_dir(rc) / "results.jsonl")) == 1
+    assert len(load_records(results_artifact.dir(rc) / "results.jsonl")) == 1

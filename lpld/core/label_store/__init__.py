@@ -33,6 +33,9 @@ topk_indices        (R, k)        uint16/32    topk_indices quant=mr/ms
 hard                (R,)          uint16/32    hard         quant=hard
 ==================  ============  ===========  ==============================================
 
+The label arrays (the last four rows) are whatever the store's label codec declares (``lpld.core.quant``:
+name, per-row shape, dtype, label or record storage); each is its own component in the accounting.
+
 Record modes: ``explicit`` stores every augmentation parameter (the paper's accounting,
 Table 21 components 1-5); ``seed`` stores one 64-bit seed per batch and regenerates the image
 order and the parameters at read time with ``lpld.core.augment`` (bit-identical: same code,
@@ -69,7 +72,7 @@ from lpld.core.label_store.integrity import (
     sampled_sha256,
 )
 from lpld.core.label_store.layout import (
-    LABEL_COMPONENTS,
+    RESERVED_NAMES,
     ArraySpec,
     accounting,
     array_layout,
@@ -100,12 +103,12 @@ __all__ = [
     "ArraySpec",
     "FORMAT",
     "INDEX_ARRAYS",
-    "LABEL_COMPONENTS",
     "LabelStore",
     "MANIFEST",
     "RATIO_REFUSE",
     "RATIO_WARN",
     "RECORD_MODES",
+    "RESERVED_NAMES",
     "StoreSpec",
     "StoreWriter",
     "StoredBatch",

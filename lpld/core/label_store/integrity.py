@@ -7,8 +7,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from lpld.core.io import ArtifactError, aside_path
-from lpld.core.label_store.spec import FORMAT
+from lpld.core.io import ArtifactError, aside_path, inside
+from lpld.core.label_store.spec import FORMAT, MANIFEST
 
 _SAMPLE_BLOCK = 4096
 
@@ -37,6 +37,30 @@ def full_sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def array_files(path: Path, arrays: Any, what: str = MANIFEST) -> dict[str, Path]:
+    """``{array: file}`` of a manifest's ``arrays`` table, every name checked before any file is opened: one plain
+    file name inside the store (no absolute path, no ``..``, no link out of the folder; :func:`lpld.core.io.inside`).
+
+    Raises:
+        ArtifactError: naming the store, the entry, the bad value and the fix.
+    """
+    fix = (
+        f"The store was edited or not written by lpld: delete the folder {path} and rerun `python run.py "
+        "stage=relabel` (or rerun it with stage.overwrite=true, which sets the folder aside)"
+    )
+    if not isinstance(arrays, dict) or not arrays:
+        raise ArtifactError(f"label store {path}: {what} has no arrays table. {fix}")
+    return {
+        str(name): inside(
+            path,
+            entry.get("file") if isinstance(entry, dict) else None,
+            f"label store {path}: {what} arrays.{name}.file",
+            fix,
+        )
+        for name, entry in arrays.items()
+    }
 
 
 def corrupt_store_error(path: Path, what: str) -> ArtifactError:

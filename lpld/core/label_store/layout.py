@@ -17,17 +17,27 @@ from lpld.core.quant import label_arrays
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One stored array: name, full shape, dtype and the storage component it counts under."""
+    """One stored array: name, full shape, dtype, the storage component it counts under and whether that is
+    label or record storage (``accounting``'s ``labels_bytes`` / ``records_bytes``)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
     component: str
     per: str  # "batch" (leading dim M or M+1) or "row" (leading dim R)
+    storage: str = "record"  # "label": the label codec's arrays it declares as labels; "record": everything else
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+# array and component names of the store's own arrays (a label codec's arrays must not take them)
+RESERVED_NAMES = frozenset(
+    {"batch_ids", "row_offsets", "seeds", "sample_index", "crops", "flips", "mix_index", "lam", "box", "cutout"}
+    | {"cutout_rgb", "patch_perm", "checksums", "batch_index", "seed", "crop_coords", "lambda", "cutout_box"}
+    | {"cutout_fill", "checksum"}
+)
 
 
 def row_offsets(spec: StoreSpec, batch_ids: np.ndarray) -> np.ndarray:
@@ -66,8 +76,14 @@ def array_layout(spec: StoreSpec, num_batches: int, num_rows: int) -> list[Array
         if spec.aug.shuffle_patches:
             f = spec.aug.shuffle_patches
             arrays.append(ArraySpec("patch_perm", (r, 2, f), np.dtype(np.uint8), "patch_perm", "row"))
-    for name, (tail, dt) in label_arrays(spec.quant, spec.num_classes).items():
-        arrays.append(ArraySpec(name, (r, *tail), dt, name, "row"))
+    # the label codec declares its arrays and whether each counts as label or record storage
+    for name, a in label_arrays(spec.quant, spec.num_classes).items():
+        if name in RESERVED_NAMES:
+            raise ValueError(
+                f"label codec {spec.quant.mode!r} declares an array {name!r}, a name the store uses for its records; "
+                "rename that array in the codec"
+            )
+        arrays.append(ArraySpec(name, (r, *a.shape), a.dtype, name, "row", a.storage))
     n_sum = sum(a.name not in INDEX_ARRAYS for a in arrays)
     arrays.append(ArraySpec("checksums", (m, n_sum), np.dtype(np.uint32), "checksum", "batch"))
     return arrays
@@ -99,9 +115,6 @@ def npy_header_bytes(a: ArraySpec) -> int:
     return buf.tell()
 
 
-LABEL_COMPONENTS = ("logits", "topk_values", "topk_indices", "hard")
-
-
 def accounting(arrays: Sequence[ArraySpec]) -> dict[str, Any]:
     """Storage accounting by component (bytes of array data) plus the npy container overhead.
 
@@ -113,7 +126,7 @@ def accounting(arrays: Sequence[ArraySpec]) -> dict[str, Any]:
         comp[a.component] = comp.get(a.component, 0) + a.nbytes
     headers = sum(npy_header_bytes(a) for a in arrays)
     total = sum(comp.values())
-    labels = sum(v for k, v in comp.items() if k in LABEL_COMPONENTS)
+    labels = sum(a.nbytes for a in arrays if a.storage == "label")
     return {
         "components": comp,
         "labels_bytes": labels,

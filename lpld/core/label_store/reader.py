@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +16,98 @@ from numpy.lib import format as npy_format
 from lpld.core import augment
 from lpld.core.augment import AugRecord
 from lpld.core.io import ArtifactError, read_json
-from lpld.core.label_store.integrity import corrupt_store_error, full_sha256, old_format_error, sampled_sha256
+from lpld.core.label_store.integrity import (
+    array_files,
+    corrupt_store_error,
+    full_sha256,
+    old_format_error,
+    sampled_sha256,
+)
 from lpld.core.label_store.layout import batch_slices, crc32s
 from lpld.core.label_store.spec import FORMAT, INDEX_ARRAYS, MANIFEST, StoreSpec, identity_diff
+from lpld.core.quant import QuantConfig, array_names
+
+# the dataclass fields of StoredBatch; any other public attribute is one of its label arrays
+_BATCH_FIELDS = ("index", "aug", "labels", "epoch", "batch", "position", "quant", "num_classes", "gen_temperature")
 
 
-@dataclass
+@dataclass(init=False)
 class StoredBatch:
     """One stored batch, as read from a label store.
+
+    The label arrays are whatever the store's codec declares (``lpld.core.quant``), held generically in
+    ``labels``; each also reads as an attribute (``batch.logits``, ``batch.topk_indices``; None when the
+    store's codec has no array of that name) and ``StoredBatch(..., logits=z)`` / ``batch.logits = z`` put one.
 
     Attributes:
         index: (B,) int64 distilled-image indices.
         aug: its augmentation record (``lpld.core.augment.replay`` rebuilds the labelled tensor).
-        logits: (B, C) float16 (quant none) or None.
-        topk_values: (B, k) float16 top-k logits (mr) or probabilities (ms), or None.
-        topk_indices: (B, k) int64 class indices, or None.
-        hard: (B,) int64 argmax classes (quant hard), or None.
+        labels: name -> (B, ...) tensor of each codec array (``LabelCodec.to_tensor``: wide unsigned
+            integers as int64), e.g. ``logits`` (B, C) float16 for quant none.
         epoch, batch: position of the batch in the full schedule.
         position: row i of the store (``store.read(i)``).
-        gen_temperature: generation temperature of ``ms`` probabilities (``quant.decode`` uses it).
+        quant: the store's QuantConfig (codec and its parameters), or None.
+        num_classes: C (0 when unknown).
+        gen_temperature: overrides ``quant.temperature`` as the temperature the stored values were computed at
+            (``quant.decode``); None: the store's.
     """
 
     index: torch.Tensor
     aug: AugRecord
-    logits: torch.Tensor | None = None
-    topk_values: torch.Tensor | None = None
-    topk_indices: torch.Tensor | None = None
-    hard: torch.Tensor | None = None
-    epoch: int = -1
-    batch: int = -1
-    position: int = -1
-    gen_temperature: float | None = field(default=None)
+    labels: dict[str, torch.Tensor]
+    epoch: int
+    batch: int
+    position: int
+    quant: QuantConfig | None
+    num_classes: int
+    gen_temperature: float | None
+
+    def __init__(
+        self,
+        index: torch.Tensor,
+        aug: AugRecord,
+        labels: dict[str, torch.Tensor] | None = None,
+        epoch: int = -1,
+        batch: int = -1,
+        position: int = -1,
+        quant: QuantConfig | None = None,
+        num_classes: int = 0,
+        gen_temperature: float | None = None,
+        **arrays: torch.Tensor | None,
+    ):
+        self.index, self.aug = index, aug
+        self.labels = dict(labels or {})
+        self.labels.update({k: v for k, v in arrays.items() if v is not None})
+        self.epoch, self.batch, self.position = epoch, batch, position
+        self.quant, self.num_classes, self.gen_temperature = quant, num_classes, gen_temperature
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields or methods
+        labels = self.__dict__.get("labels", {})
+        if name in labels:
+            return labels[name]
+        if not name.startswith("_") and name in array_names():
+            return None  # an array of another codec: absent from this store
+        raise AttributeError(f"StoredBatch has no field or label array {name!r} (its arrays: {sorted(labels)})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _BATCH_FIELDS or name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif value is None:
+            self.labels.pop(name, None)
+        else:
+            self.labels[name] = value
 
     def __len__(self) -> int:
         return int(self.index.numel())
+
+    def decode(self, temperature: float) -> torch.Tensor:
+        """(B, C) float32 teacher target at ``temperature``: the store's codec decodes its arrays."""
+        if self.quant is None or self.num_classes <= 0:
+            raise ValueError("this StoredBatch has no quant config / num_classes; read it with LabelStore.read")
+        cfg = self.quant
+        if self.gen_temperature is not None:
+            cfg = replace(cfg, temperature=float(self.gen_temperature))
+        return cfg.codec.decode(self.labels, cfg, float(temperature), int(self.num_classes))
 
 
 class LabelStore:
@@ -114,8 +172,9 @@ class LabelStore:
 
     def verify(self, full: bool = True) -> None:
         """Check every array file against the manifest (size, npy header, sampled or full sha256)."""
-        for a in self.manifest["arrays"].values():
-            f = self.path / a["file"]
+        files = array_files(self.path, self.manifest.get("arrays"))  # all checked before any is opened
+        for name, a in self.manifest["arrays"].items():
+            f = files[name]
             if not f.exists():
                 raise corrupt_store_error(self.path, f"array file {a['file']} is missing")
             size = f.stat().st_size
@@ -153,7 +212,8 @@ class LabelStore:
     @property
     def arrays(self) -> dict[str, np.ndarray]:
         if self._mm is None:
-            self._mm = {n: np.load(self.path / a["file"], mmap_mode="r") for n, a in self.manifest["arrays"].items()}
+            files = array_files(self.path, self.manifest.get("arrays"))  # verify="none" opens here first
+            self._mm = {n: np.load(f, mmap_mode="r") for n, f in files.items()}
         return self._mm
 
     def __len__(self) -> int:
@@ -221,16 +281,15 @@ class LabelStore:
                 rec.cutout_rgb, rec.fill_norm = rows("cutout_rgb"), spec.aug.fill_norm
             if spec.aug.shuffle_patches:
                 rec.patch_perm = rows("patch_perm").long()
-        out = StoredBatch(index=index, aug=rec, epoch=e, batch=b, position=i)
-        q = spec.quant.mode
-        if q == "none":
-            out.logits = rows("logits")
-        elif q in ("mr", "ms"):
-            out.topk_values = rows("topk_values")
-            out.topk_indices = rows("topk_indices").long()
-            out.gen_temperature = float(spec.quant.temperature) if q == "ms" else None
-        else:
-            out.hard = rows("hard").long()
+        codec = spec.quant.codec
+        labels: dict[str, torch.Tensor] = {}
+        for name in codec.arrays(spec.quant, spec.num_classes):
+            if name not in mm:
+                raise corrupt_store_error(
+                    self.path, f"the manifest lists no {name}.npy, which quant={spec.quant.mode} stores"
+                )
+            labels[name] = codec.to_tensor(name, mm[name][r0:r1])
+        out = StoredBatch(index, rec, labels, e, b, i, quant=spec.quant, num_classes=spec.num_classes)
         return out
 
 

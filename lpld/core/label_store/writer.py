@@ -25,7 +25,13 @@ from lpld.core.io import (
     read_json,
     release_lock,
 )
-from lpld.core.label_store.integrity import corrupt_store_error, full_sha256, old_format_error, sampled_sha256
+from lpld.core.label_store.integrity import (
+    array_files,
+    corrupt_store_error,
+    full_sha256,
+    old_format_error,
+    sampled_sha256,
+)
 from lpld.core.label_store.layout import (
     ArraySpec,
     accounting,
@@ -96,8 +102,10 @@ def prepare(path: str | os.PathLike, spec: StoreSpec, meta: dict[str, Any], over
     ids = spec.batch_ids()
     offs = row_offsets(spec, ids)
     layout = array_layout(spec, len(ids), int(offs[-1]))
+    # the writer names its files itself; still checked, so a codec's array name can never be a path
+    files = array_files(path, {a.name: {"file": f"{a.name}.npy"} for a in layout}, what="label codec layout")
     for a in layout:
-        mm = npy_format.open_memmap(path / f"{a.name}.npy", mode="w+", dtype=a.dtype, shape=a.shape)
+        mm = npy_format.open_memmap(files[a.name], mode="w+", dtype=a.dtype, shape=a.shape)
         if a.name == "batch_ids":
             mm[:] = ids.astype(np.int32)
         elif a.name == "row_offsets":
@@ -164,7 +172,10 @@ class StoreWriter:
             raise old_format_error(self.path, self.manifest.get("format"))
         self.spec = StoreSpec.from_dict(self.manifest["identity"]["spec"])
         self._sum_names = list(self.manifest["checksummed"])
-        self._mm = {name: np.load(self.path / a["file"], mmap_mode="r+") for name, a in self.manifest["arrays"].items()}
+        # every file name the manifest holds is checked before any is opened for writing (a crafted manifest
+        # must not make a resumed relabel overwrite a file outside the store)
+        files = array_files(self.path, self.manifest.get("arrays"))
+        self._mm = {name: np.load(f, mmap_mode="r+") for name, f in files.items()}
         self.batch_ids = np.asarray(self._mm["batch_ids"]).astype(np.int64)
         self.offsets = np.asarray(self._mm["row_offsets"]).astype(np.int64)
         self.done = done_bitmap(self.path, len(self.batch_ids))
@@ -262,8 +273,9 @@ def finalize(path: str | os.PathLike) -> dict[str, Any]:
     if not done.all():
         missing = int((done == 0).sum())
         raise ArtifactError(f"label store {path}: {missing} batches not generated yet; rerun stage=relabel to resume")
-    for a in man["arrays"].values():
-        f = path / a["file"]
+    files = array_files(path, man.get("arrays"))
+    for name, a in man["arrays"].items():
+        f = files[name]
         size = f.stat().st_size
         a["file_bytes"] = size
         a["sha256"] = full_sha256(f)
