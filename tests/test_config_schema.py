@@ -96,6 +96,11 @@ def test_ipc_table_entries_and_dataset_extras_are_checked():
         ("metric.drop_hard=lots", "metric.drop_hard='lots' is not a number"),
         ("logger.log_images=sometimes", "logger.log_images='sometimes' is not true/false"),
         ("stage=report stage.digits=1.5", "stage.digits=1.5 is not a whole number"),
+        # recover's knob dataclasses (lpld.core.recover_methods) are typed too
+        ("recover.iterations=1.5", "recover.iterations=1.5 is not a whole number"),
+        ("recover.lr=fast", "recover.lr='fast' is not a number"),
+        ("recover.class_end=1.5", "recover.class_end=1.5 is not a whole number"),
+        ("recover=rded recover.rded.factor=two", "recover.rded.factor='two' is not a whole number"),
     ],
 )
 def test_a_value_of_the_wrong_type_names_its_key(override, message):
@@ -110,8 +115,6 @@ def test_a_value_of_the_wrong_type_names_its_key(override, message):
         ("ipc=2.5", "ipc=2.5 is not a whole number; set ipc=<integer>, e.g. ipc=2"),
         ("seed=abc", "seed='abc' is not a whole number; set seed=<integer>"),
         ("teacher_seed=1.5", "teacher_seed=1.5 is not a whole number"),
-        ("recover.iterations=1.5", "recover.iterations=1.5 is not a whole number"),  # recover's knobs: Any
-        ("recover.lr=fast", "recover.lr='fast' is not a number"),
         ("dataset.recipe.student.epochs=ten", "dataset.recipe.student.epochs='ten' is not a whole number"),
         ("dataset.recipe.recover.lr=fast", "dataset.recipe.recover.lr='fast' is not a number"),
     ],

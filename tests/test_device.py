@@ -260,7 +260,7 @@ def test_quant_encode_on_device_without_sync():
         # host arrays: the store dtypes, equal to the encoding done on the host
         host = quant.encode(z, cfg)
         spec = quant.label_arrays(cfg, 40)
-        assert set(host) == set(spec) and all(host[k].dtype == spec[k][1] for k in host)
+        assert set(host) == set(spec) and all(host[k].dtype == spec[k].dtype for k in host)
         ref = quant.to_host_arrays(quant.encode_tensors(z, cfg), 40)
         assert all(np.array_equal(host[k], ref[k]) for k in host)
 

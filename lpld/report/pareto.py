@@ -104,7 +104,8 @@ def pareto_points(
         # "IPC10 40x mr" -- a default ("none" quantization) is left out to keep the annotations short
         labels[key] = " ".join(f"IPC{v}" if f == "ipc" else v for f, v in parts if v != "none")
         groups[key] = display(get_field(rec, group, "?"))
-        kinds[key] = label_kind(get_field(rec, "quant", None))
+        # a hard-label student of a soft store is a hard point, whatever the store's codec
+        kinds[key] = "hard" if rec.get("labels") == "hard" else label_kind(get_field(rec, "quant", None))
         idents[key] = ident
     _disambiguate(labels, groups, idents)
     pts = []

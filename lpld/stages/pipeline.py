@@ -151,12 +151,15 @@ def _is_hard(rec: dict[str, Any]) -> bool:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: method, ipc, prune, quant, labels, label MB, image MB, top-1."""
-    lines = ["| method | ipc | prune | quant | labels | label MB | image MB | top-1 (%) |", "|---" * 8 + "|"]
+    """Markdown table: method, ipc, prune, quant, labels, label MB (label arrays), record MB (augmentation records
+    replayed), image MB, top-1. A hard-label row has 0 label bytes."""
+    head = "| method | ipc | prune | quant | labels | label MB | record MB | image MB | top-1 (%) |"
+    lines = [head, "|---" * 9 + "|"]
     for r in rows:
+        total, labels = float(r.get("label_bytes", 0)), float(r.get("label_only_bytes", r.get("label_bytes", 0)))
         lines.append(
             f"| {r.get('method')} | {r.get('ipc')} | {_name(r.get('prune'))} | {_name(r.get('quant'))} | "
-            f"{'hard' if _is_hard(r) else 'soft'} | {float(r.get('label_bytes', 0)) / 1e6:.3f} | "
+            f"{'hard' if _is_hard(r) else 'soft'} | {labels / 1e6:.3f} | {(total - labels) / 1e6:.3f} | "
             f"{float(r.get('image_bytes', 0)) / 1e6:.3f} | {100 * float(r.get('top1', 0)):.2f} |"
         )
     return "\n".join(lines)

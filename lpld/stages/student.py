@@ -159,7 +159,8 @@ def _achieved(cfg: DictConfig, store: Any, kept: int, ratio: float, name: str) -
     what = f"the label schedule ({man['epochs']} epochs x {man['batches_per_epoch']} batches)"
     if ratio <= 0 and kept == units:
         return {"ratio": 0.0, "factor": 1.0, "requested_factor": 1.0, "off": False}
-    out = achieved_ratio(units, kept, ratio, name, what)
+    # the student's pool draws stored batches (the improved label pool): batch units, unless the store is per epoch
+    out = achieved_ratio(units, kept, ratio, name, what, str(man["prune"].get("granularity", "batch")))
     if out["off"]:
         log.warning(
             "prune=%s asks for %.1fx but the pool keeps %d of %d stored batches: %.2fx; the record says so "
@@ -509,8 +510,11 @@ def build_record(
         "student": inp.settings,
         "image_bytes": raw_image_bytes(images.shape[0], images.shape[1], images.shape[2]),
         "image_file_bytes": int(sum(p.stat().st_size for p in Path(inp.images_dir).rglob("*.png"))),
-        "label_bytes": pool.label_bytes,
-        "label_only_bytes": pool.label_only_bytes,
+        # a hard-label student (loss ce) reads no stored label, only the augmentation records it replays:
+        # 0 label bytes, its records still counted (issue 19: the hard row showed the soft store's bytes)
+        "labels": "hard" if inp.settings["loss"] == "ce" else "soft",
+        "label_bytes": pool.label_bytes - (pool.label_only_bytes if inp.settings["loss"] == "ce" else 0),
+        "label_only_bytes": 0 if inp.settings["loss"] == "ce" else pool.label_only_bytes,
         "label_bytes_1x": full_store_bytes(inp.store),
         "compression_vs_1x": full_store_bytes(inp.store) / max(1, pool.label_bytes),
         "top1": float(res["val/top1"]),

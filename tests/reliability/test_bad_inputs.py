@@ -230,7 +230,7 @@ CASES: list[tuple[str, Callable, type, list[str]]] = [
     ),
     (
         "recover.iterations=1.5",
-        lambda c, t: check_known_keys(with_(c["cfg"], recover__iterations=1.5)),
+        lambda c, t: compose_overrides(["recover.iterations=1.5"]),
         ConfigError,
         ["recover.iterations=1.5", "recover.iterations=1"],
     ),
@@ -244,11 +244,13 @@ CASES: list[tuple[str, Callable, type, list[str]]] = [
         "recover.lr=fast (float conversion)",
         lambda c, t: raise_(
             translate_error(
-                ValueError("could not convert string to float: 'fast'"), with_(c["cfg"], recover__lr="fast")
+                # the recipe is a plain mapping: a string reaches the resolver, whose float() names no key
+                ValueError("could not convert string to float: 'fast'"),
+                with_(c["cfg"], dataset__recipe__recover__lr="fast"),
             )
         ),
         ConfigError,
-        ["recover.lr='fast'", "recover.lr=<number>"],
+        ["dataset.recipe.recover.lr='fast'", "dataset.recipe.recover.lr=<number>"],
     ),
     ("stage=bogus", lambda c, t: stage_names(c["cfg"], "bogus"), ConfigError, ["bogus", "stage=<name>"]),
     # recover knobs

@@ -366,3 +366,16 @@ def test_the_checks_pass_every_stage_default_and_a_gpu_plan_on_a_cpu_machine(tmp
     # planning a GPU run needs no GPU (a login node), nor does a report
     preflight(compose_cfg(["stage=plan", "trainer=gpu", f"paths.root={tmp_path}"]))
     preflight(compose_cfg(["stage=report", "trainer=gpu", f"paths.root={tmp_path}"]))
+
+
+@pytest.mark.parametrize("granularity", ["batch", "epoch"])
+def test_unreachable_ratio_advice_names_batch_granularity_only_when_it_is_not_already(granularity):
+    """Issue 19: the 40x refusal advised prune.granularity=batch when the pool was already per batch."""
+    from lpld.core.label_store.spec import achieved_ratio
+    from lpld.errors import ArtifactError
+
+    with pytest.raises(ArtifactError) as e:
+        achieved_ratio(6, 1, 1 - 1 / 40, "40x", "the schedule (3 epochs x 2 batches)", granularity)
+    msg = str(e.value)
+    assert "prune=40x asks for 40.0x" in msg and "choose a lower ratio" in msg
+    assert ("prune.granularity=batch" in msg) == (granularity == "epoch")

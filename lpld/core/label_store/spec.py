@@ -132,7 +132,9 @@ RATIO_WARN = 1.05  # achieved / requested compression factor beyond this: a warn
 RATIO_REFUSE = 4.0
 
 
-def achieved_ratio(units: int, kept: int, requested: float, name: str, what: str = "the schedule") -> dict[str, Any]:
+def achieved_ratio(
+    units: int, kept: int, requested: float, name: str, what: str = "the schedule", granularity: str = "batch"
+) -> dict[str, Any]:
     """The pruning actually achieved when ``kept`` of ``units`` survive a requested ratio, checked.
 
     Args:
@@ -141,6 +143,7 @@ def achieved_ratio(units: int, kept: int, requested: float, name: str, what: str
         requested: the requested ratio r (``prune.ratio``).
         name: its name ("100x").
         what: what the units are, for the message.
+        granularity: the pool's granularity (the advice names ``prune.granularity=batch`` only when it is not).
 
     Returns:
         {"ratio": 1 - kept / units, "factor": units / kept, "requested_factor", "off": bool (beyond RATIO_WARN)}.
@@ -152,11 +155,11 @@ def achieved_ratio(units: int, kept: int, requested: float, name: str, what: str
     want = 1.0 / (1.0 - requested)
     off = max(factor / want, want / factor)
     if off > RATIO_REFUSE:
+        finer = "" if granularity == "batch" else "use prune.granularity=batch (finer units), "
         raise ArtifactError(
             f"prune={name} asks for {want:.1f}x but {what} has only {units} units, so keeping {kept} gives "
             f"{factor:.1f}x; lengthen the schedule (more student epochs: relabel.epochs / "
-            "dataset.recipe.student.epochs, or a smaller batch size), use prune.granularity=batch, or choose a lower "
-            "ratio (e.g. prune=10x)"
+            f"dataset.recipe.student.epochs, or a smaller batch size), {finer}or choose a lower ratio (e.g. prune=10x)"
         )
     return {"ratio": 1.0 - kept / units, "factor": factor, "requested_factor": want, "off": off > RATIO_WARN}
 
@@ -169,7 +172,9 @@ def spec_achieved(spec: StoreSpec) -> dict[str, Any]:
     what = f"the schedule ({spec.epochs} epochs x {spec.batches_per_epoch} batches, granularity {spec.granularity})"
     if spec.prune_ratio <= 0:
         return {"ratio": 0.0, "factor": 1.0, "requested_factor": 1.0, "off": False}
-    return achieved_ratio(units, num_kept(units, spec.prune_ratio), spec.prune_ratio, spec.prune_name, what)
+    return achieved_ratio(
+        units, num_kept(units, spec.prune_ratio), spec.prune_ratio, spec.prune_name, what, spec.granularity
+    )
 
 
 def identity(spec: StoreSpec, meta: dict[str, Any]) -> dict[str, Any]:

@@ -62,10 +62,10 @@ class RecoverBase:
     """Knobs of every recover method: how the work is split (not part of the output identity) and safety."""
 
     name: str = "lpld"
-    classes_per_batch: Any = None  # classes per device batch (results do not depend on it); null = auto:
-    max_batch_images: Any = 256  # ... as many classes as fit in this many images per device batch
-    class_start: Any = 0  # synthesise classes [class_start, class_end)
-    class_end: Any = None  # null = num_classes
+    classes_per_batch: int | None = None  # classes per device batch (results do not depend on it); null = auto:
+    max_batch_images: int = 256  # ... as many classes as fit in this many images per device batch
+    class_start: int = 0  # synthesise classes [class_start, class_end)
+    class_end: int | None = None  # null = num_classes
     overwrite: bool = False  # replace a folder written with another config
     allow_other_teacher: bool = False  # accept class-wise stats recorded with another teacher
     stats_path: str | None = None  # null = the stats artifact of this config

@@ -39,16 +39,16 @@ class RecoverOptimize(RecoverBase):
     """Methods that optimise images from noise by BN matching (lpld, lpld_c; LPLD Eq. 6, Appendix C)."""
 
     # null = dataset.recipe.recover.<key> (Appendix C, Tables 11/14/17), else the fallback
-    iterations: Any = recipe_knob(1000)
-    lr: Any = recipe_knob(0.1)
-    alpha: Any = recipe_knob(0.05, "BN-matching weight (Eq. 6 alpha)")
-    first_bn_multiplier: Any = recipe_knob(10.0, "extra weight of the first BN layer (SRe2L-family code: 10)")
-    tv_l2: Any = recipe_knob(1.0e-4, "total-variation L2 prior")
-    l2: Any = recipe_knob(1.0e-5, "image L2-norm prior")
-    jitter: Any = recipe_knob(4, "max random roll in pixels per step")
+    iterations: int | None = recipe_knob(1000)
+    lr: float | None = recipe_knob(0.1)
+    alpha: float | None = recipe_knob(0.05, "BN-matching weight (Eq. 6 alpha)")
+    first_bn_multiplier: float | None = recipe_knob(10.0, "extra weight of the first BN layer (SRe2L-family code: 10)")
+    tv_l2: float | None = recipe_knob(1.0e-4, "total-variation L2 prior")
+    l2: float | None = recipe_knob(1.0e-5, "image L2-norm prior")
+    jitter: int | None = recipe_knob(4, "max random roll in pixels per step")
     betas: Any = recipe_knob([0.5, 0.9], "Adam betas")
-    rrc_scale_min: Any = 0.08  # RandomResizedCrop area range per step
-    rrc_scale_max: Any = 1.0
+    rrc_scale_min: float = 0.08  # RandomResizedCrop area range per step
+    rrc_scale_max: float = 1.0
     flip: bool = True  # random horizontal flip per step
     init: str = "random"  # Gaussian noise (the only initialisation of Table 11)
     precision: str = PRECISION  # the math is defined in fp32 (batching equivalence, resume equality)
@@ -61,13 +61,13 @@ class RecoverSlot(RecoverOptimize):
     """SRe2L-style methods: a batch holds image j of every class of a group (sre2l; Eq. 3)."""
 
     name: str = "sre2l"
-    group_classes: Any = None  # null = min(num_classes, 100) (SRe2L's batch of 100 classes)
+    group_classes: int | None = None  # null = min(num_classes, 100) (SRe2L's batch of 100 classes)
 
 
 @dataclass
 class CdaSchedule:
     schedule: str = "cosine"  # step | linear | cosine
-    milestone: Any = 1.0  # fraction of the iterations spent annealing (CDA/README.md runs: --milestone 1)
+    milestone: float = 1.0  # fraction of the iterations spent annealing (CDA/README.md runs: --milestone 1)
 
 
 @dataclass

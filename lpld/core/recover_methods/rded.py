@@ -21,9 +21,9 @@ from lpld.core.recover_methods.base import (
 
 @dataclass
 class RdedKnobs:
-    factor: Any = 2  # patches per side (image_size must be divisible by it)
-    candidates_per_class: Any = 300  # real images sampled per class (RDED's mipc)
-    crops_per_image: Any = 5  # random crops scored per real image; the best represents it
+    factor: int = 2  # patches per side (image_size must be divisible by it)
+    candidates_per_class: int = 300  # real images sampled per class (RDED's mipc)
+    crops_per_image: int = 5  # random crops scored per real image; the best represents it
     crop_scale: Any = list_knob(0.08, 1.0)  # RandomResizedCrop area range of the crops
     # official: RDED's square crops (size/factor), scored zero-padded, rank-interleaved tiling | lpld: 3:4-4:3
     # crops scored full size, consecutive
