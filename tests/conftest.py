@@ -113,3 +113,21 @@ def make_tiny_chain(tmp: Path, *extra: str) -> tuple[Path, list[str]]:
     run_stage(compose_cfg(["stage=recover", *ov]))
     run_stage(compose_cfg(["stage=relabel", *ov]))
     return tmp, ov
+
+
+def run_cli(tmp_path: Path, *args: str, **env: str):
+    """``python run.py logger=none paths.root=<tmp> <args>`` in ``tmp_path`` as a user would type it (no debug
+    variables, no rich bars, W&B off); ``env`` adds variables. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if k not in ("LPLD_DEBUG", "HYDRA_FULL_ERROR")}
+    e.update(LPLD_NO_RICH="1", WANDB_MODE="disabled", **env)
+    return subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "logger=none", f"paths.root={tmp_path}", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=e,
+    )

@@ -4,12 +4,8 @@ or artifact key."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import CONF, REPO
+from conftest import CONF, run_cli
 from omegaconf import OmegaConf
 
 from lpld.config.compose import compose
@@ -216,17 +212,7 @@ def test_artifact_keys_of_the_presets_are_unchanged(overrides):
     assert (teacher.key(cfg), stats.spec(cfg).key(), images.key(cfg), labels.key(cfg)) == KEYS[overrides]
 
 
-def _cli(tmp_path, *args):
-    env = {k: v for k, v in os.environ.items() if k not in ("LPLD_DEBUG", "HYDRA_FULL_ERROR")}
-    env.update(LPLD_NO_RICH="1", WANDB_MODE="disabled")
-    return subprocess.run(
-        [sys.executable, str(REPO / "run.py"), "logger=none", f"paths.root={tmp_path}", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+_cli = run_cli  # tests/conftest.py
 
 
 @pytest.mark.parametrize(

@@ -163,3 +163,28 @@ def test_stage_artifacts_lists_what_exists_with_its_key_values(chain, capsys):
     assert "values unknown" in text
     only = run_stage(compose_cfg(["stage=artifacts", "stage.kind=images", *ov]))
     assert {r["kind"] for r in only} == {"images"}
+
+
+def test_a_group_choice_on_the_command_line_drives_the_pipelines_grid():
+    """Issue 19: `python run.py -m prune=1x,10x,40x` (stage=pipeline) ran the pipeline's own grid in every job."""
+    from lpld.stages.pipeline import Pipeline
+
+    def students(base: list[str]) -> list[list[str]]:
+        return [
+            c for name, c, _ in Pipeline(compose_cfg(["stage=pipeline", *base]), base=base).plan() if name == "student"
+        ]
+
+    default = students([])
+    assert {c[1] for c in default} == {"prune=1x", "prune=10x", "prune=40x"}
+    only = students(["prune=10x"])
+    assert {c[1] for c in only} == {"prune=10x"} and {c[0] for c in only} == {
+        "recover=lpld",
+        "recover=sre2l",
+        "recover=random_real",
+    }
+    sre2l = students(["recover=sre2l"])
+    assert {c[0] for c in sre2l} == {"recover=sre2l"} and {c[1] for c in sre2l} == {
+        "prune=1x",
+        "prune=10x",
+        "prune=40x",
+    }

@@ -49,11 +49,11 @@ STAGES: dict[str, str] = {
 DEBUG_ENV = ("LPLD_DEBUG", "HYDRA_FULL_ERROR")  # either set to 1: user errors keep their traceback
 
 
-def _keys_with_value(cfg: DictConfig, value: str) -> list[str]:
-    """Dotted keys of ``cfg`` whose value is the string ``value`` (to name the key of a failed conversion)."""
+def config_strings(cfg: Any) -> list[tuple[str, str]]:
+    """(dotted key, value) of every string value of ``cfg`` (resolved; the raw values if resolving fails)."""
     from omegaconf import OmegaConf
 
-    found: list[str] = []
+    found: list[tuple[str, str]] = []
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
@@ -62,14 +62,20 @@ def _keys_with_value(cfg: DictConfig, value: str) -> list[str]:
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 walk(v, f"{prefix}{i}.")
-        elif isinstance(node, str) and node == value:
-            found.append(prefix[:-1])
+        elif isinstance(node, str):
+            found.append((prefix[:-1], node))
 
     try:
         walk(OmegaConf.to_container(cfg, resolve=True), "")
-    except Exception:  # noqa: BLE001 - best effort: fall back to the raw message
+    except Exception:  # noqa: BLE001 - best effort: fall back to the raw values
+        found.clear()
         walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return [k for k in found if not k.startswith("hydra.")]
+    return [(k, v) for k, v in found if not k.startswith("hydra.")]
+
+
+def _keys_with_value(cfg: DictConfig, value: str) -> list[str]:
+    """Dotted keys of ``cfg`` whose value is the string ``value`` (to name the key of a failed conversion)."""
+    return [k for k, v in config_strings(cfg) if v == value]
 
 
 _BAD_NUMBER = re.compile(r"(?:invalid literal for int\(\) with base \d+|could not convert string to float): '(.*)'")

@@ -89,27 +89,15 @@ def _label_store_of(path: Path, root: Path) -> Path | None:
 
 def _config_paths(cfg: Any) -> list[tuple[str, Path]]:
     """(dotted key, resolved path) of every string value of the config that looks like a path."""
-    from omegaconf import OmegaConf
+    from lpld.stages import config_strings  # the package imports this module: import at call time
 
-    out: list[tuple[str, Path]] = []
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{prefix}{i}.")
-        elif isinstance(node, str) and ("/" in node or node.startswith("~")):
-            p = _resolved(node)
+    out = []
+    for key, value in config_strings(cfg):
+        if "/" in value or value.startswith("~"):
+            p = _resolved(value)
             if p is not None:
-                out.append((prefix[:-1], p))
-
-    try:
-        walk(OmegaConf.to_container(cfg, resolve=True), "")
-    except Exception:  # noqa: BLE001 - best effort
-        return []
-    return [(k, p) for k, p in out if not k.startswith("hydra.")]
+                out.append((key, p))
+    return out
 
 
 def missing_user_file(e: FileNotFoundError, cfg: Any) -> BaseException | None:

@@ -53,6 +53,7 @@ class Pipeline:
         self.timings: list[tuple[str, float]] = []
         if cfg.get("logger") is not None and "group" in cfg.logger and not cfg.logger.group:
             self.base.append(f"logger.group={pipeline_group(cfg, self.results_name)}")  # W&B: one per invocation
+        self.methods, self.baselines, self.prunes, self.baseline_prunes = self._grid_axes(cfg)
         for name, over in self.steps.items():
             bad = [o for o in over if o.lstrip("+~").startswith("relabel.")]
             if bad:  # the student finds the store from the same knobs: they must reach every step
@@ -69,16 +70,34 @@ class Pipeline:
         self.timings.append((label, time.perf_counter() - t0))
         return out
 
+    def _grid_axes(self, cfg: DictConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+        """(methods, baselines, prunes, baseline prunes) of the grid: ``stage.*``, unless the command line chose the
+        group itself. ``python run.py prune=10x`` (or a multirun ``-m prune=1x,10x,40x``) means that ratio: the grid
+        runs every method at it alone; ``recover=sre2l`` means that method alone (no baselines). Without this the
+        step's own choice would silently win over the command line's (issue 19)."""
+        st = cfg.stage
+        chosen: dict[str, str] = {}
+        for o in self.base:
+            key, _, value = o.partition("=")
+            if key.lstrip("+~") in ("prune", "recover") and value:
+                chosen[key.lstrip("+~")] = value
+        methods = [chosen["recover"]] if "recover" in chosen else [str(m) for m in st.methods]
+        baselines = [] if "recover" in chosen else [str(m) for m in st.baselines]
+        prunes = [chosen["prune"]] if "prune" in chosen else [str(p) for p in st.prunes]
+        baseline_prunes = [chosen["prune"]] if "prune" in chosen else [str(p) for p in st.baseline_prunes]
+        for key, value in chosen.items():
+            log.info("[pipeline] %s=%s on the command line: the grid runs %s %s only", key, value, key, value)
+        return methods, baselines, prunes, baseline_prunes
+
     def grid(self) -> list[tuple[str, str, list[str]]]:
         """The student grid: (recover method, prune option, extra student choices) per cell."""
-        st = self.cfg.stage
         grid: list[tuple[str, str, list[str]]] = []
-        for m in st.methods:
-            grid += [(str(m), str(p), []) for p in st.prunes]
-        for m in st.baselines:
-            grid += [(str(m), str(p), []) for p in st.baseline_prunes]
-        if st.hard_labels and st.methods:
-            grid.append((str(st.methods[0]), str(st.prunes[0]), ["student=hard"]))
+        for m in self.methods:
+            grid += [(m, p, []) for p in self.prunes]
+        for m in self.baselines:
+            grid += [(m, p, []) for p in self.baseline_prunes]
+        if self.cfg.stage.hard_labels and self.methods:
+            grid.append((self.methods[0], self.prunes[0], ["student=hard"]))
         return grid
 
     def quant(self) -> list[str]:

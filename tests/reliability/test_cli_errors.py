@@ -3,25 +3,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO
+from conftest import run_cli
 
-
-def cli(tmp_path, *args, **env):
-    e = {k: v for k, v in os.environ.items() if k not in ("LPLD_DEBUG", "HYDRA_FULL_ERROR")}
-    e.update(LPLD_NO_RICH="1", WANDB_MODE="disabled", **env)
-    return subprocess.run(
-        [sys.executable, str(REPO / "run.py"), "logger=none", f"paths.root={tmp_path}", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=e,
-    )
+cli = run_cli  # tests/conftest.py
 
 
 @pytest.mark.parametrize("arg", ["ipc=abc", pytest.param("seed=2.5", marks=pytest.mark.slow)])

@@ -10,15 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_image_tree
+from conftest import run_cli, write_image_tree
 
 from lpld.artifacts import images as images_artifact
 from lpld.errors import ArtifactError, ConfigError, DatasetError, user_error_types
@@ -276,17 +273,7 @@ def test_truncated_image_through_dataloader_workers_is_one_line_naming_the_file(
     assert "Traceback" not in str(err) and "Replace it" in str(err) and "\n" not in str(err)
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("LPLD_DEBUG", "HYDRA_FULL_ERROR")}
-    env.update(LPLD_NO_RICH="1", WANDB_MODE="disabled")
-    return subprocess.run(
-        [sys.executable, str(REPO / "run.py"), "logger=none", f"paths.root={tmp_path}", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+cli = run_cli  # tests/conftest.py
 
 
 @pytest.mark.slow
