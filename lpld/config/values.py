@@ -123,6 +123,8 @@ def check_accelerator(cfg: Any) -> None:
     refused before the stage moves, writes or trains anything (only for stages that build a Trainer)."""
     stage = str(node_get(node_get(cfg, "stage"), "name"))
     acc = node_get(node_get(cfg, "trainer"), "accelerator")
+    if node_get(cfg, "show"):  # `show=true` runs nothing: describing a GPU job from a laptop is what it is for
+        return
     if stage not in TRAINER_STAGES or acc is None or str(acc).lower() not in GPU_ACCELERATORS:
         return
     if not cuda_visible():
