@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -183,7 +184,23 @@ def ensure_free_space(directory: str | os.PathLike, needed_bytes: int, what: str
 # artifact locks, move-aside on overwrite, write errors
 # ----------------------------------------------------------------------------------------------------------------------
 
-LOCK_WAIT_ENV = "LPLD_LOCK_WAIT"  # seconds a second writer waits for the lock before refusing (default 0)
+LOCK_WAIT_ENV = "LPLD_LOCK_WAIT"  # seconds a second writer waits for the lock before refusing (default below)
+# Under SLURM (array jobs of one sweep share upstream artifacts: the images of a method/ipc/seed, a 1x store) a
+# second writer waits for the first by default instead of failing at once; a dead holder never blocks it (the OS
+# drops its lock). 12 h: longer than any single lpld stage, shorter than a forgotten job's time limit.
+SLURM_LOCK_WAIT_S = 12 * 3600.0
+LOCK_PROGRESS_ENV = "LPLD_LOCK_PROGRESS_EVERY"  # seconds between "waiting for ..." lines (default 60)
+
+
+def default_lock_wait() -> float:
+    """Seconds a writer waits for another holder: ``$LPLD_LOCK_WAIT`` if set, else 12 h under SLURM
+    (``SLURM_JOB_ID``: array jobs sharing an upstream artifact wait for it), else 0 (refuse at once)."""
+    v = os.environ.get(LOCK_WAIT_ENV)
+    if v not in (None, ""):
+        return float(v)
+    return SLURM_LOCK_WAIT_S if os.environ.get("SLURM_JOB_ID") else 0.0
+
+
 _HELD: dict[str, Any] = {}  # lock file -> open file object holding the flock (re-entrant within a process)
 
 
@@ -207,7 +224,9 @@ def acquire_lock(target: str | os.PathLike, what: str = "this artifact", wait_s:
     Args:
         target: the artifact (file or directory) about to be written.
         what: a short name for the message ("label store", "teacher"...).
-        wait_s: seconds to wait for another holder (default ``$LPLD_LOCK_WAIT`` or 0: refuse at once).
+        wait_s: seconds to wait for another holder (default :func:`default_lock_wait`: ``$LPLD_LOCK_WAIT``, else
+            12 h under SLURM, else 0: refuse at once). While waiting, one line every ``$LPLD_LOCK_PROGRESS_EVERY``
+            seconds (default 60) names the artifact, its holder and the time waited.
 
     Returns:
         True if this call took the lock (False if it was already held by this process or rank > 0).
@@ -236,8 +255,10 @@ def acquire_lock(target: str | os.PathLike, what: str = "this artifact", wait_s:
             # needed, fails on its own with write_error's message
             return False
         raise
-    wait = float(os.environ.get(LOCK_WAIT_ENV, "0") or 0) if wait_s is None else float(wait_s)
-    deadline = time.monotonic() + wait
+    wait = default_lock_wait() if wait_s is None else float(wait_s)
+    t0 = time.monotonic()
+    deadline, every = t0 + wait, float(os.environ.get(LOCK_PROGRESS_ENV, "60") or 60)
+    next_note = t0 + every
     while True:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,6 +273,19 @@ def acquire_lock(target: str | os.PathLike, what: str = "this artifact", wait_s:
                     "Wait for that run to finish (or stop it) and rerun this command, or set "
                     f"{LOCK_WAIT_ENV}=<seconds> to wait for it. The OS releases the lock when that process ends."
                 ) from None
+            if time.monotonic() >= next_note:
+                f.seek(0)
+                holder = f.read().strip() or "another lpld run"
+                logging.getLogger("lpld").info(
+                    "waiting for %s %s (being written by %s): %.0f s so far, up to %.0f s (%s)",
+                    what,
+                    target,
+                    holder,
+                    time.monotonic() - t0,
+                    wait,
+                    LOCK_WAIT_ENV,
+                )
+                next_note = time.monotonic() + every
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
     f.seek(0)
     f.truncate()

@@ -120,3 +120,28 @@ def test_move_aside_keeps_the_old_artifact_until_drop(tmp_path):
     f.write_bytes(b"1")
     move_aside(f)
     assert aside_path(f).read_bytes() == b"1" and not f.exists()
+
+
+def test_under_slurm_a_second_writer_waits_for_the_first_by_default(tmp_path, monkeypatch, caplog):
+    """Issue 19: array jobs sharing an upstream artifact failed at once unless LPLD_LOCK_WAIT was set."""
+    from lpld.core.io import LOCK_PROGRESS_ENV, SLURM_LOCK_WAIT_S, default_lock_wait
+
+    monkeypatch.delenv(LOCK_WAIT_ENV, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert default_lock_wait() == 0.0  # on a workstation: refuse at once, naming the holder
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert default_lock_wait() == SLURM_LOCK_WAIT_S
+    monkeypatch.setenv(LOCK_WAIT_ENV, "5")
+    assert default_lock_wait() == 5.0  # an explicit value wins
+    monkeypatch.delenv(LOCK_WAIT_ENV)
+    monkeypatch.setenv(LOCK_PROGRESS_ENV, "0.3")
+    target = tmp_path / "art"
+    p = _holder(target, seconds=1.5)
+    try:
+        with caplog.at_level("INFO", logger="lpld"):
+            assert acquire_lock(target, "distilled images") is True
+    finally:
+        p.wait()
+        release_lock(target)
+    waits = [r.getMessage() for r in caplog.records if "waiting for distilled images" in r.getMessage()]
+    assert waits and f"pid {p.pid}" in waits[0] and "s so far" in waits[0]
