@@ -1,9 +1,13 @@
 """lpld's single entry point: ``python run.py stage=<name> [overrides]``.
 
-Dispatches on ``stage.name`` to ``lpld.stages.<name>.run(cfg)`` (see lpld/stages/__init__.py).
+Dispatch validates the composed config, freezes it into an Experiment and runs ``lpld.stages.<name>.run(exp)``
+(see lpld/stages/__init__.py); nothing below dispatch reads the Hydra config.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -11,6 +15,10 @@ from omegaconf import DictConfig
 import lpld.config  # noqa: F401 - registers the typed config schemas (lpld/config/schema.py) before composing
 from lpld.config.compose import composed, run_main
 from lpld.stages import dispatch, log_once, user_errors
+
+# the sweep files (-cd sweeps) add this repository's conf/ to Hydra's search path as ${oc.env:LPLD_CONF}: absolute,
+# so a sweep launched from any working directory finds the config groups (issue 19: "path=conf is not available")
+os.environ.setdefault("LPLD_CONF", str(Path(__file__).resolve().parent / "conf"))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

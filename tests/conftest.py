@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LPLD_NO_RICH", "1")
+os.environ.setdefault("LPLD_CONF", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf"))
 
 import torch  # noqa: E402
 
@@ -21,14 +22,38 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
-def compose_cfg(overrides: list[str], config_name: str = "config", config_dir: Path = CONF):
-    """Compose the real config tree (Hydra compose API) with overrides."""
+def compose_cfg(overrides: list[str], config_name: str = "config", config_dir: Path = CONF, raw: bool = False):
+    """Compose the real config tree (Hydra compose API) with overrides, frozen into the Experiment a stage runs on
+    (``overrides`` recorded as its command line); ``raw=True``: the composed Hydra config itself (what dispatch
+    validates and freezes: config-layer tests)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        cfg = compose(config_name=config_name, overrides=overrides)
+    if raw or config_name != "config":
+        return cfg
+    from lpld.config.experiment import freeze
+
+    return freeze(cfg, list(overrides))
+
+
+def frozen(cfg, **mutations):
+    """A hand-built config (an OmegaConf node or a dict holding only the groups a test needs) as the frozen
+    Experiment a stage runs on; ``mutations`` set dotted keys (``stage__name="x"`` sets ``stage.name``)."""
+    from omegaconf import OmegaConf
+
+    from lpld.config.frozen import Experiment
+
+    if isinstance(cfg, Experiment):
+        exp = cfg
+    else:
+        values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        values.setdefault("ipc", 10)
+        values.setdefault("seed", 0)
+        exp = Experiment.from_mapping(values)
+    return exp.with_values({k.replace("__", "."): v for k, v in mutations.items()}) if mutations else exp
 
 
 def write_image_tree(

@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 import lpld.config  # noqa: F401 - registers the config schemas before anything composes
 from lpld.artifacts import images, labels, results, stats, teacher
 from lpld.artifacts.base import EXCLUDED
+from lpld.config.experiment import freeze
+from lpld.config.frozen import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -84,9 +86,9 @@ def _hydra_state():
     _ACTIVE.clear()
 
 
-def conf(*overrides: str) -> DictConfig:
-    """The main config tree composed with ``overrides`` (as `python run.py <overrides>`)."""
-    return _compose(str(CONF), "config", _normal(overrides))
+def conf(*overrides: str) -> Experiment:
+    """The experiment of the main config tree composed with ``overrides`` (as `python run.py <overrides>`)."""
+    return freeze(_compose(str(CONF), "config", _normal(overrides)), list(overrides))
 
 
 def _values(key: str, spec: str) -> list[str]:
@@ -190,7 +192,7 @@ def check_analyze(cfg: DictConfig, hydra_cfg: DictConfig) -> int:
 
 def check_job(path: Path, job: tuple[str, ...], monkeypatch) -> int:
     cfg = _compose(str(REPO / "sweeps"), path.stem, _normal(job), hydra_cfg=True)
-    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    job_cfg = freeze(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), list(job))
     kind = str(cfg.stage.name)
     if kind == "pipeline":
         # the pipeline composes its steps from the job's overrides minus stage.* (HydraConfig's task overrides)

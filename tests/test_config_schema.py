@@ -207,8 +207,9 @@ KEYS = {
 @pytest.mark.parametrize("overrides", sorted(KEYS))
 def test_artifact_keys_of_the_presets_are_unchanged(overrides):
     from lpld.artifacts import images, labels, stats, teacher
+    from lpld.config.experiment import freeze
 
-    cfg = compose(overrides.split())
+    cfg = freeze(compose(overrides.split()))
     assert (teacher.key(cfg), stats.spec(cfg).key(), images.key(cfg), labels.key(cfg)) == KEYS[overrides]
 
 

@@ -264,7 +264,8 @@ def test_imagefolder_errors(tmp_path):
 def _yaml_cfg(name: str, **over):
     from conftest import compose_cfg
 
-    cfg = compose_cfg([f"dataset={name}", "paths.data=/nonexistent"])  # the preset as Hydra composes it (schema)
+    # the preset as Hydra composes it (schema)
+    cfg = compose_cfg([f"dataset={name}", "paths.data=/nonexistent"], raw=True)
     for k, v in over.items():
         cfg.dataset[k] = v
     return cfg.dataset
@@ -281,7 +282,7 @@ def test_imagenet_configs_on_class_folders(tmp_path, name, train_dir, val_dir):
     expected = 1000 if name == "in1k" else 10450
     with pytest.raises(DatasetError, match=f"found 3 classes.*expected {expected}"):
         build_dataset(ds_cfg, "train")
-    ds_cfg.num_classes = 3
+    ds_cfg = {**ds_cfg, "num_classes": 3}
     train = build_dataset(ds_cfg, "train", train_transform(ds_cfg))
     val = build_dataset(ds_cfg, "val")
     assert train.classes == wnids and train.targets == [0, 0, 1, 1, 2, 2] and val.targets == [0, 1, 2]

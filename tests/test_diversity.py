@@ -154,13 +154,13 @@ def test_mmd_rejects_bad_input():
 
 
 def _analyze_cfg(tmp_path, **stage):
-    from conftest import compose_cfg
+    from conftest import compose_cfg, frozen
 
     from lpld.config.schema import AnalyzeStage
 
     cfg = OmegaConf.create(
         {
-            "dataset": compose_cfg(["dataset=demo"]).dataset,  # the preset as Hydra composes it (schema)
+            "dataset": compose_cfg(["dataset=demo"], raw=True).dataset,  # the preset as Hydra composes it (schema)
             "model": {
                 "name": "convnet",
                 "width": 8,
@@ -188,7 +188,7 @@ def _analyze_cfg(tmp_path, **stage):
     cfg.stage.grid_per_class = 3
     for k, v in stage.items():
         OmegaConf.update(cfg, f"stage.{k}", v)
-    return cfg
+    return frozen(cfg)
 
 
 def _write_teacher(cfg):

@@ -100,7 +100,6 @@ def test_storage_prediction_without_store(tmp_path, capsys):
 
 def test_relabel_stage_ensemble_teachers(tmp_path):
     """relabel.teachers: two teachers (model tags a, b) combined by mean logits; fingerprint covers both."""
-    from omegaconf import OmegaConf
 
     from lpld.core.relabel import EnsembleTeacher
     from lpld.stages import relabel
@@ -108,7 +107,7 @@ def test_relabel_stage_ensemble_teachers(tmp_path):
 
     cfg = _setup(tmp_path, ["relabel.teachers=[{tag: a}, {tag: b}]"])
     for tag, seed in (("a", 1), ("b", 2)):
-        sub = OmegaConf.merge(cfg, {"model": {"tag": tag}})
+        sub = cfg.with_values({"model.tag": tag})
         torch.manual_seed(seed)
         m = build_teacher_model(sub)
         atomic_torch_save(teacher_artifact.path(sub), {"state_dict": m.state_dict()})

@@ -216,7 +216,7 @@ def test_per_class_grids_and_png_roundtrip(tmp_path):
 
 
 def test_report_stage_writes_files(tmp_path, capsys):
-    from conftest import compose_cfg
+    from conftest import compose_cfg, frozen
     from omegaconf import OmegaConf
 
     from lpld.report.records import append_record
@@ -230,12 +230,12 @@ def test_report_stage_writes_files(tmp_path, capsys):
     cfg = OmegaConf.create(
         {
             "dataset": {"name": "demo"},
-            "stage": compose_cfg(["stage=report"]).stage,  # report.yaml over its schema defaults
+            "stage": compose_cfg(["stage=report"], raw=True).stage,  # report.yaml over its schema defaults
             "logger": {"name": "none", "log_images": False},
             "paths": {"artifacts": str(tmp_path / "art")},
         }
     )
-    out = report.run(cfg)  # default: every *.jsonl under paths.results_dir -> reports/all
+    out = report.run(frozen(cfg))  # default: every *.jsonl under paths.results_dir -> reports/all
     d = tmp_path / "art" / "demo" / "results" / "reports" / "all"
     assert out["out_dir"] == str(d)
     md = (d / "report.md").read_text()
@@ -245,7 +245,7 @@ def test_report_stage_writes_files(tmp_path, capsys):
     cfg.stage.results = str(res)
     cfg.stage.cols = ["prune", "method"]
     cfg.stage.where = {"ipc": 50, "config": {"recover": {"name": "lpld"}}}  # nested, as +stage.where.a.b=v makes
-    out2 = report.run(cfg)
+    out2 = report.run(frozen(cfg))
     assert out2["out_dir"] == str(res.parent / "reports" / "prune_grid")
     assert "| 50 | 55.3 ± 0.4 | 33.7 ± 0.0 |" in (res.parent / "reports" / "prune_grid" / "report.md").read_text()
 

@@ -101,10 +101,8 @@ def test_show_works_for_every_dataset_preset(dataset, tmp_path, capsys):
 
 
 def test_show_of_the_pipeline_lists_every_step(tmp_path, monkeypatch, capsys):
-    import lpld.stages.show as show
 
     base = [f"paths.root={tmp_path}", "logger=none"]
-    monkeypatch.setattr(show, "task_overrides", lambda: base)
     out = _show(base)
     kinds = [(role, kind) for role, kind, *_ in out["artifacts"]]
     assert kinds.count(("write", "teacher")) == 1 and kinds.count(("write", "stats")) == 1

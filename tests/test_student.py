@@ -12,6 +12,7 @@ from conftest import compose_cfg, tiny_overrides, write_image_tree
 from lpld.artifacts import images as images_artifact
 from lpld.artifacts import results as results_artifact
 from lpld.artifacts import teacher as teacher_artifact
+from lpld.config import metric_settings
 from lpld.core.io import ArtifactError, atomic_torch_save, fingerprint_state_dict
 from lpld.report.records import REQUIRED_FIELDS, load_records
 from lpld.stages import ConfigError, dispatch
@@ -210,7 +211,7 @@ def _expect_metric_error(cfg, metric: str, match: str) -> None:
     store = LabelStore.open(student.label_store_dir(cfg))
     _, labels, _ = load_distilled(images_artifact.path(cfg))
     with pytest.raises(MetricInputError, match=match):
-        student.build_pool(mcfg, store, labels)
+        student.build_pool(store, labels, metric_settings(mcfg), mcfg.prune, mcfg.seed)
 
 
 def test_ema_update(store_cfg):
@@ -293,7 +294,7 @@ def test_metric_pool_selects_by_score_on_real_store(store_cfg):
     store = LabelStore.open(student.label_store_dir(cfg))
     assert store.manifest["prune"]["name"] == "1x"  # the metric reads the 1x store
     _, labels, _ = load_distilled(images_artifact.path(cfg))
-    pool = student.build_pool(cfg, store, labels)
+    pool = student.build_pool(store, labels, metric_settings(cfg), cfg.prune, cfg.seed)
     m = len(store)
     # brute force: mean max-softmax per stored batch, top pool_size of them
     scores = np.array([torch.softmax(store.read(i).logits.float(), 1).max(1).values.mean().item() for i in range(m)])

@@ -129,3 +129,20 @@ def test_tiny_sweep_launches_two_jobs(tmp_path):
     assert b8["n"] > b256["n"]  # smaller batches: a class appears in fewer of them
     assert (tmp_path / "multirun" / "0").is_dir() and (tmp_path / "multirun" / "1").is_dir()
     assert "n >= " in out.stdout
+
+
+def test_a_sweep_file_composes_from_any_working_directory(tmp_path):
+    """Issue 19: the sweep files found conf/ relative to the working directory, so a sweep launched outside the
+    repository root warned "path=conf is not available" for every job; run.py now gives Hydra the absolute path."""
+    env = {k: v for k, v in os.environ.items() if k != "LPLD_CONF"}
+    r = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "-cd", str(REPO / "sweeps"), "-cn", "prune_grid", "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "is not available" not in r.stderr, r.stderr
+    assert yaml.safe_load(r.stdout)["dataset"]["name"]

@@ -135,12 +135,10 @@ def test_pipeline_group_is_one_per_invocation(tmp_path):
 
 
 def test_names_are_unique_across_a_pipelines_plan(tmp_path, monkeypatch):
-    import lpld.stages.show as show
     from lpld.stages.common import run_name
     from lpld.stages.pipeline import Pipeline, compose_step
 
     base = [f"paths.root={tmp_path}", "logger=none"]
-    monkeypatch.setattr(show, "task_overrides", lambda: base)
     pipe = Pipeline(compose_cfg(["stage=pipeline", *base]), base=base)
     # distinct steps (the hard-label cell's relabel step reuses the 1x store: it finds it complete, logs no run)
     steps = dict.fromkeys((n, tuple(ch)) for n, ch, _ in pipe.plan())

@@ -1,8 +1,8 @@
 """Artifacts: one module per artifact (teacher, stats, images, labels, students, results).
 
-Each module has ``spec(cfg) -> <Artifact>Spec`` (a frozen dataclass of the resolved values that determine
+Each module has ``spec(exp) -> <Artifact>Spec`` (a frozen dataclass of the resolved values that determine
 the artifact's bytes, with ``key()`` = readable prefix + 8-hex signature and ``path(root)``) and
-``path(cfg)``, plus ``open`` / ``prepare`` / ``verify`` where a stage reads or writes the artifact.
+``path(exp)``, plus ``open`` / ``prepare`` / ``verify`` where a stage reads or writes the artifact.
 Producers and consumers build the same spec from the same config, so no stage hands another a path.
 
 Layout under ``paths.artifacts``::

@@ -13,8 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
+from lpld.config.frozen import Experiment, once, to_plain
 from lpld.core.io import fingerprint_obj
 from lpld.errors import ConfigError
 
@@ -46,7 +45,7 @@ HEX = 8  # hex digits of the signature in a key
 
 def plain(node: Any) -> Any:
     """A resolved plain-python copy of a config node (dicts, lists, scalars)."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return to_plain(node)
 
 
 def strip(obj: Any, drop: frozenset[str] = EXCLUDED) -> Any:
@@ -123,32 +122,35 @@ def check_env_roots() -> None:
             raise ConfigError(f"{var} is set but empty; unset it (`unset {var}`) or set it to a folder")
 
 
-def root(cfg: DictConfig) -> Path:
+@once
+def root(exp: Experiment) -> Path:
     """Absolute artifacts root (``paths.artifacts``; a relative path is resolved against the cwd).
 
     Raises:
         ConfigError: ``paths.artifacts`` is empty, or an LPLD_* root variable is set but empty.
     """
     check_env_roots()
-    value = str(cfg.paths.artifacts)
+    value = str(exp.paths.artifacts)
     if not value.strip():
         raise ConfigError("paths.artifacts is empty; set paths.artifacts=/a/folder (or $LPLD_ARTIFACTS)")
     return Path(value).expanduser().resolve()
 
 
-def dataset_name(cfg: Any) -> str:
+@once
+def dataset_name(exp: Any) -> str:
     """``dataset.name``, checked to be a plain name (it is the first folder under the artifacts root)."""
-    return plain_name(cfg.dataset.name, "dataset.name", "mydata")
+    return plain_name(exp.dataset.name, "dataset.name", "mydata")
 
 
-def dataset_dir(cfg: DictConfig) -> Path:
+@once
+def dataset_dir(exp: Experiment) -> Path:
     """``<artifacts>/<dataset>``: every artifact of one dataset lives below it."""
-    return under(root(cfg), dataset_name(cfg))
+    return under(root(exp), dataset_name(exp))
 
 
-def get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.a.b.c`` by dotted key, ``default`` when any part is missing or null."""
-    node = cfg
+def get(exp: Any, key: str, default: Any = None) -> Any:
+    """``exp.a.b.c`` by dotted key, ``default`` when any part is missing or null."""
+    node = exp
     for part in key.split("."):
         if node is None or not hasattr(node, "get"):
             return default

@@ -10,8 +10,8 @@ artifact's folder, so no artifact's bytes change)::
 and :func:`closest` compares a missing artifact's values with the indexed ones of its kind, naming the
 values that differ (``images exist with recover.iterations=5; this run asks 4000``).
 
-    planned(cfg) -> list[ArtifactRef]     the artifacts stage ``cfg.stage.name`` reads (role "read") and writes
-    record_written(cfg)                   index what the stage wrote (called by the dispatcher after success)
+    planned(exp) -> list[ArtifactRef]     the artifacts stage ``exp.stage.name`` reads (role "read") and writes
+    record_written(exp)                   index what the stage wrote (called by the dispatcher after success)
     closest(ref, artifacts_root) -> Match | None
     listing(artifacts_root, dataset) -> list[ArtifactRef]   every indexed artifact (``stage=artifacts``)
 """
@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from lpld.artifacts import images, labels, results, stats, students, teacher
 from lpld.artifacts.base import EXCLUDED, dataset_name, get, plain, root, strip, under
+from lpld.config.frozen import Experiment
 from lpld.core.io import atomic_write_json
 
 KINDS = ("teacher", "stats", "images", "labels", "student", "results")
@@ -119,37 +118,37 @@ def _values(spec: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- planned
-def _teacher(cfg: DictConfig, role: str) -> ArtifactRef:
-    sp = teacher.spec(cfg)
-    explicit = get(cfg, "model.checkpoint")
-    path = Path(str(explicit)).expanduser().resolve() if explicit else sp.path(root(cfg))
+def _teacher(exp: Experiment, role: str) -> ArtifactRef:
+    sp = teacher.spec(exp)
+    explicit = get(exp, "model.checkpoint")
+    path = Path(str(explicit)).expanduser().resolve() if explicit else sp.path(root(exp))
     ref = _ref("teacher", role, sp, path)
-    if get(cfg, "model.pretrained", False) and not explicit and ref.status == "missing":
+    if get(exp, "model.pretrained", False) and not explicit and ref.status == "missing":
         return ArtifactRef("teacher", role, ref.key, path, "pretrained", ref.values)  # loaded from the hub/cache
     return ref
 
 
-def _stats(cfg: DictConfig) -> ArtifactRef:
-    sp = stats.spec(cfg)
-    return _ref("stats", "read" if str(cfg.stage.name) != "stats" else "write", sp, sp.path(root(cfg)))
+def _stats(exp: Experiment) -> ArtifactRef:
+    sp = stats.spec(exp)
+    return _ref("stats", "read" if str(exp.stage.name) != "stats" else "write", sp, sp.path(root(exp)))
 
 
-def _images(cfg: DictConfig, role: str) -> ArtifactRef:
-    sp = images.spec(cfg)
-    return _ref("images", role, sp, sp.path(root(cfg)))
+def _images(exp: Experiment, role: str) -> ArtifactRef:
+    sp = images.spec(exp)
+    return _ref("images", role, sp, sp.path(root(exp)))
 
 
-def _labels(cfg: DictConfig, role: str, store_cfg: DictConfig | None = None) -> ArtifactRef:
-    sp = labels.spec(store_cfg if store_cfg is not None else cfg)
-    return _ref("labels", role, sp, sp.path(root(cfg)))
+def _labels(exp: Experiment, role: str, store_cfg: Experiment | None = None) -> ArtifactRef:
+    sp = labels.spec(store_cfg if store_cfg is not None else exp)
+    return _ref("labels", role, sp, sp.path(root(exp)))
 
 
-def _results(cfg: DictConfig) -> ArtifactRef:
-    sp = results.spec(cfg)
-    return _ref("results", "write", sp, sp.path(root(cfg)))
+def _results(exp: Experiment) -> ArtifactRef:
+    sp = results.spec(exp)
+    return _ref("results", "write", sp, sp.path(root(exp)))
 
 
-def _student(cfg: DictConfig, store: ArtifactRef, imgs: ArtifactRef) -> ArtifactRef | None:
+def _student(exp: Experiment, store: ArtifactRef, imgs: ArtifactRef) -> ArtifactRef | None:
     """The student run: its key depends on the store's schedule, so it is known once the store is complete."""
     if store.status != "complete" or imgs.status != "complete":
         return None
@@ -160,51 +159,51 @@ def _student(cfg: DictConfig, store: ArtifactRef, imgs: ArtifactRef) -> Artifact
     man = json.loads((store.path / "manifest.json").read_text())
     img_man = json.loads((imgs.path / "manifest.json").read_text())
     sp = students.spec(
-        cfg,
+        exp,
         store.path,
-        model=student_model_cfg(cfg),
-        settings=student_settings(cfg, man),
-        metric=metric_settings(cfg),
+        model=student_model_cfg(exp),
+        settings=student_settings(exp, man),
+        metric=metric_settings(exp),
         images_fingerprint=img_man.get("images_fingerprint"),
-        world=world_size(cfg),
-        precision=resolve_precision(cfg.trainer, "student"),
+        world=world_size(exp),
+        precision=resolve_precision(exp.trainer, "student"),
     )
-    return _ref("student", "write", sp, sp.path(root(cfg)))
+    return _ref("student", "write", sp, sp.path(root(exp)))
 
 
-def planned(cfg: DictConfig) -> list[ArtifactRef]:
-    """The artifacts stage ``cfg.stage.name`` reads and writes (the pipeline: see ``lpld.stages.show``)."""
+def planned(exp: Experiment) -> list[ArtifactRef]:
+    """The artifacts stage ``exp.stage.name`` reads and writes (the pipeline: see ``lpld.stages.show``)."""
     from lpld.config import recover_methods
 
-    name = str(cfg.stage.name)
+    name = str(exp.stage.name)
     if name == "squeeze":
-        return [_teacher(cfg, "write")]
+        return [_teacher(exp, "write")]
     if name == "stats":
-        return [_teacher(cfg, "read"), _stats(cfg)]
+        return [_teacher(exp, "read"), _stats(exp)]
     if name == "recover":
-        method = recover_methods()[str(cfg.recover.name)]
-        out = [_teacher(cfg, "read")]
-        if method.get("classwise") and not get(cfg, "recover.stats_path"):
-            out.append(_stats(cfg))
-        return [*out, _images(cfg, "write")]
+        method = recover_methods()[str(exp.recover.name)]
+        out = [_teacher(exp, "read")]
+        if method.get("classwise") and not get(exp, "recover.stats_path"):
+            out.append(_stats(exp))
+        return [*out, _images(exp, "write")]
     if name == "relabel":
-        return [_teacher(cfg, "read"), _images(cfg, "read"), _labels(cfg, "write")]
+        return [_teacher(exp, "read"), _images(exp, "read"), _labels(exp, "write")]
     if name == "student":
         from lpld.config.student_run import store_config
 
-        imgs = _images(cfg, "read")
-        store = _labels(cfg, "read", store_config(cfg))
-        run = _student(cfg, store, imgs)
-        return [imgs, store, *([run] if run is not None else []), _results(cfg)]
+        imgs = _images(exp, "read")
+        store = _labels(exp, "read", store_config(exp))
+        run = _student(exp, store, imgs)
+        return [imgs, store, *([run] if run is not None else []), _results(exp)]
     if name == "storage":
-        return [] if get(cfg, "stage.path") else [_labels(cfg, "read")]
+        return [] if get(exp, "stage.path") else [_labels(exp, "read")]
     if name == "report":
-        rn = get(cfg, "stage.results_name")
-        return [ArtifactRef("results", "read", r.key, r.path, r.status) for r in [_results(cfg)]] if rn else []
+        rn = get(exp, "stage.results_name")
+        return [ArtifactRef("results", "read", r.key, r.path, r.status) for r in [_results(exp)]] if rn else []
     if name == "analyze":
         out = []
-        for m in get(cfg, "stage.methods", []) or []:
-            out.append(_images(images.with_method(cfg, str(m)), "read"))
+        for m in get(exp, "stage.methods", []) or []:
+            out.append(_images(images.with_method(exp, str(m)), "read"))
         return out
     return []  # plan, show, artifacts: read nothing
 
@@ -228,15 +227,15 @@ def record(ref: ArtifactRef, artifacts: Path, dataset: str) -> None:
     atomic_write_json(f, {"kind": ref.kind, "key": ref.key, "path": str(rel), "values": ref.values})
 
 
-def record_written(cfg: DictConfig) -> None:
+def record_written(exp: Experiment) -> None:
     """After a stage finished: index every artifact it wrote (best effort: an index failure never fails a run)."""
     import logging
 
     try:
-        refs = [r for r in planned(cfg) if r.role == "write" and r.kind != "results"]
+        refs = [r for r in planned(exp) if r.role == "write" and r.kind != "results"]
         for r in refs:
             if r.status == "complete":
-                record(r, root(cfg), dataset_name(cfg))
+                record(r, root(exp), dataset_name(exp))
     except Exception as e:  # noqa: BLE001 - the index only serves messages; the artifacts themselves are written
         logging.getLogger("lpld").debug("artifact index not updated: %s", e)
 
@@ -301,12 +300,12 @@ def listing(artifacts: Path, dataset: str) -> list[ArtifactRef]:
 
 
 # ---------------------------------------------------------------------------------------------------- closest
-def missing_hint(cfg: DictConfig, kind: str, spec: Any) -> str:
+def missing_hint(exp: Experiment, kind: str, spec: Any) -> str:
     """For a "no <artifact> at ..." error: ``"; closest existing <kind>: <key> ... differs in <key>: ..."`` naming
     the values to set to use an artifact that exists, or "" when none of that kind is indexed (never raises)."""
     try:
         ref = ArtifactRef(kind, "read", spec.key(), Path("."), "missing", _values(spec))
-        m = closest(ref, root(cfg), dataset_name(cfg))
+        m = closest(ref, root(exp), dataset_name(exp))
     except Exception:  # noqa: BLE001 - a hint must never replace the error it decorates
         return ""
     if m is None or not m.diffs:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
 
 from lpld.artifacts import stats, teacher
-from lpld.artifacts.base import dataset_name, get, plain_name, root, sign, under
+from lpld.artifacts.base import dataset_name, plain_name, root, sign, under
+from lpld.config.frozen import Experiment, once, select
 from lpld.core.images import MANIFEST, list_pngs, read_manifest
 from lpld.core.io import ArtifactError, acquire_lock, atomic_write_json, move_aside
 from lpld.core.recover_job import RecoverJob, base_manifest
@@ -42,70 +42,65 @@ class ImagesSpec:
         return under(Path(artifacts), self.dataset, self.teacher, "images", self.key())
 
 
-def _stats_ref(cfg: DictConfig, method: str) -> str | None:
-    """What the synthesis matches: the stats key (``recover.stats_path``: that file), None without class stats."""
-    from lpld.config import recover_methods
+@once
+def spec(exp: Experiment) -> ImagesSpec:
+    from lpld.config import recover_methods, recover_settings
 
-    if not recover_methods()[method].get("classwise"):
-        return None
-    explicit = get(cfg, "recover.stats_path")
-    return f"file:{Path(str(explicit)).expanduser().resolve()}" if explicit else stats.spec(cfg).key()
-
-
-def spec(cfg: DictConfig) -> ImagesSpec:
-    from lpld.config import recover_settings
-
-    s = recover_settings(cfg)
+    s = recover_settings(exp)
+    # what the synthesis matches: the stats key (``recover.stats_path``: that file), None without class stats
+    stats_ref = None
+    if recover_methods()[str(s["name"])].get("classwise"):
+        explicit = select(exp, "recover.stats_path")
+        stats_ref = f"file:{Path(str(explicit)).expanduser().resolve()}" if explicit else stats.spec(exp).key()
     return ImagesSpec(
-        dataset=dataset_name(cfg),
-        teacher=teacher.key(cfg),
+        dataset=dataset_name(exp),
+        teacher=teacher.key(exp),
         method=plain_name(s["name"], "recover.name", "lpld"),
-        ipc=int(cfg.ipc),
-        seed=int(cfg.seed),
+        ipc=int(exp.ipc),
+        seed=int(exp.seed),
         settings=dict(s),
-        stats=_stats_ref(cfg, str(s["name"])),
+        stats=stats_ref,
     )
 
 
-def with_method(cfg: DictConfig, method: str) -> DictConfig:
-    """``cfg`` as the command ``recover=<method>`` composes it: the run's own method keeps its node (command-line
+def with_method(exp: Experiment, method: str) -> Experiment:
+    """``exp`` as the command ``recover=<method>`` composes it: the run's own method keeps its node (command-line
     ``recover.*`` knobs included), another method gets its group option's knobs (its images were made by
     ``stage=recover recover=<method>``; images made with other knobs are named with ``stage.image_dirs``)."""
-    if str(cfg.recover.name) == method:
-        return cfg
-    from lpld.config.compose import group_option
+    if str(exp.recover.name) == method:
+        return exp
+    from lpld.config.experiment import with_group
 
-    sub = cfg.copy()
-    with open_dict(sub):
-        sub.recover = group_option("recover", method, "stage.methods")
-    return sub
+    return with_group(exp, "recover", method, "stage.methods")
 
 
-def key(cfg: DictConfig) -> str:
-    return spec(cfg).key()
+@once
+def key(exp: Experiment) -> str:
+    return spec(exp).key()
 
 
-def path(cfg: DictConfig) -> Path:
-    return spec(cfg).path(root(cfg))
+@once
+def path(exp: Experiment) -> Path:
+    return spec(exp).path(root(exp))
 
 
-def open(  # noqa: A001 - artifacts.images.open(cfg), like the other artifacts
-    cfg: DictConfig, teacher_fingerprint: str | None, allow_other_teacher: bool = False, verify: bool = True
+def open(  # noqa: A001 - artifacts.images.open(exp), like the other artifacts
+    exp: Experiment, teacher_fingerprint: str | None, allow_other_teacher: bool = False, verify: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(uint8 images (N, C, H, W), labels (N,), manifest) of this config, checked against the manifest's
     fingerprints and the teacher (``lpld.core.images.load_distilled``; each refusal names the fix)."""
     from lpld.core.images import MANIFEST, load_distilled
 
-    require(cfg, MANIFEST)
+    require(exp, MANIFEST)
     return load_distilled(
-        path(cfg),
+        path(exp),
         expect_teacher_fingerprint=teacher_fingerprint,
         allow_other_teacher=allow_other_teacher,
         verify=verify,
     )
 
 
-def require(cfg: DictConfig, manifest: str = "manifest.json") -> None:
+def require(exp: Experiment, manifest: str = "manifest.json") -> None:
     """Refuse a config whose images do not exist, naming the recover command and the closest existing images.
 
     Raises:
@@ -113,20 +108,20 @@ def require(cfg: DictConfig, manifest: str = "manifest.json") -> None:
     """
     from lpld.artifacts.catalog import missing_hint
 
-    p = path(cfg)
+    p = path(exp)
     if not (p / manifest).is_file():
         raise ArtifactError(
             f"no distilled images at {p}; run `python run.py stage=recover` with the same overrides first"
-            + missing_hint(cfg, "images", spec(cfg))
+            + missing_hint(exp, "images", spec(exp))
         )
 
 
-def verify(cfg: DictConfig) -> None:
+def verify(exp: Experiment) -> None:
     """Raise ArtifactError naming any PNG that differs from the manifest's per-file hashes."""
     from lpld.core.images import check_image_files, list_pngs, read_manifest
     from lpld.core.io import ArtifactError
 
-    p = path(cfg)
+    p = path(exp)
     man = read_manifest(p)
     if man is None:
         raise ArtifactError(f"no distilled images at {p} (manifest.json missing); run `python run.py stage=recover`")

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from lpld.artifacts import images, teacher
 from lpld.artifacts.base import dataset_name, plain, plain_name, root, sign, under
+from lpld.config.frozen import Experiment, once
 from lpld.core.augment import AugConfig, switch_fields
 from lpld.core.io import fingerprint_obj
 from lpld.core.label_store import StoreSpec
@@ -24,25 +23,28 @@ from lpld.core.quant import QuantConfig
 from lpld.errors import ConfigError
 
 
-def knobs(cfg: DictConfig) -> dict[str, Any]:
+@once
+def knobs(exp: Experiment) -> dict[str, Any]:
     """The resolved relabel knobs of this config (the same for relabel, storage and student)."""
     from lpld.config import relabel_settings
 
-    return relabel_settings(cfg)
+    return relabel_settings(exp)
 
 
-def quant_config(cfg: DictConfig) -> QuantConfig:
+@once
+def quant_config(exp: Experiment) -> QuantConfig:
     """QuantConfig from the ``quant`` group (ms temperature null -> the student's KD temperature)."""
     from lpld.config import quant_settings
 
-    return QuantConfig(**quant_settings(cfg))
+    return QuantConfig(**quant_settings(exp))
 
 
-def aug_config(cfg: DictConfig, st: dict[str, Any] | None = None) -> AugConfig:
-    st = knobs(cfg) if st is None else st
+@once
+def aug_config(exp: Experiment, st: dict[str, Any] | None = None) -> AugConfig:
+    st = knobs(exp) if st is None else st
     scale, ratio = st["rrc_scale"], st["rrc_ratio"]
     return AugConfig(
-        out_size=int(cfg.dataset.image_size),
+        out_size=int(exp.dataset.image_size),
         scale=(float(scale[0]), float(scale[1])),
         ratio=(float(ratio[0]), float(ratio[1])),
         flip=bool(st["flip"]),  # relabel.flip, else the recipe's (in21k: false), else true
@@ -51,18 +53,19 @@ def aug_config(cfg: DictConfig, st: dict[str, Any] | None = None) -> AugConfig:
         cutout_factor=float(st["cutout_factor"]),
         # issue 12: RDED ShufflePatches, the official 21K random Cutout colour (off unless the knobs say so)
         **switch_fields(
-            str(st["mix"]), st.get("shuffle_patches"), st.get("cutout_fill"), cfg.dataset.mean, cfg.dataset.std
+            str(st["mix"]), st.get("shuffle_patches"), st.get("cutout_fill"), exp.dataset.mean, exp.dataset.std
         ),
     )
 
 
-def store_spec(cfg: DictConfig, num_images: int | None = None) -> StoreSpec:
+@once
+def store_spec(exp: Experiment, num_images: int | None = None) -> StoreSpec:
     """The StoreSpec of this config (``num_images`` defaults to ipc x num_classes)."""
     from lpld.core.pruning import resolve_drop_last
 
-    st = knobs(cfg)
-    c = int(cfg.dataset.num_classes)
-    n = int(num_images) if num_images is not None else int(cfg.ipc) * c
+    st = knobs(exp)
+    c = int(exp.dataset.num_classes)
+    n = int(num_images) if num_images is not None else int(exp.ipc) * c
     epochs, bs = st.get("epochs"), st.get("batch_size")
     if epochs is None or bs is None:
         raise ConfigError(
@@ -71,31 +74,32 @@ def store_spec(cfg: DictConfig, num_images: int | None = None) -> StoreSpec:
     record_mode = str(st["record_mode"])
     if record_mode not in ("explicit", "seed"):
         raise ConfigError(f"relabel record_mode must be explicit|seed, got {record_mode!r}")
-    size = int(cfg.dataset.image_size)
+    size = int(exp.dataset.image_size)
     try:
-        drop_last = resolve_drop_last(st.get("drop_last", "auto"), float(cfg.prune.ratio), n, int(bs))
+        drop_last = resolve_drop_last(st.get("drop_last", "auto"), float(exp.prune.ratio), n, int(bs))
         return StoreSpec(
             num_images=n,
             num_classes=c,
             image_hw=(size, size),
             batch_size=int(bs),
             epochs=int(epochs),
-            prune_name=str(cfg.prune.name),
-            prune_ratio=float(cfg.prune.ratio),
-            granularity=str(cfg.prune.granularity),
-            quant=quant_config(cfg),
-            aug=aug_config(cfg, st),
+            prune_name=str(exp.prune.name),
+            prune_ratio=float(exp.prune.ratio),
+            granularity=str(exp.prune.granularity),
+            quant=quant_config(exp),
+            aug=aug_config(exp, st),
             record_mode=record_mode,
-            seed=int(cfg.seed),
+            seed=int(exp.seed),
             drop_last=drop_last,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
-def teacher_tag(cfg: DictConfig, st: dict[str, Any] | None = None) -> str:
+@once
+def teacher_tag(exp: Experiment, st: dict[str, Any] | None = None) -> str:
     """``self`` (the run's teacher) or ``ens<n>-<8 hex>`` of the ensemble's teacher configs."""
-    st = knobs(cfg) if st is None else st
+    st = knobs(exp) if st is None else st
     teachers = st.get("teachers")
     if not teachers:
         return "self"
@@ -125,27 +129,30 @@ class LabelsSpec:
         return under(Path(artifacts), self.dataset, self.teacher, "labels", self.images, self.key())
 
 
-def spec(cfg: DictConfig) -> LabelsSpec:
-    st = knobs(cfg)
+@once
+def spec(exp: Experiment) -> LabelsSpec:
+    st = knobs(exp)
     # the names that make up the store's folder name (record_mode and mix are checked against their lists)
-    plain_name(cfg.prune.name, "prune.name", "10x")
-    plain_name(cfg.prune.granularity, "prune.granularity", "batch")
+    plain_name(exp.prune.name, "prune.name", "10x")
+    plain_name(exp.prune.granularity, "prune.granularity", "batch")
     return LabelsSpec(
-        dataset=dataset_name(cfg),
-        teacher=teacher.key(cfg),
-        images=images.key(cfg),
-        teachers=teacher_tag(cfg, st),
-        store=store_spec(cfg).to_dict(),
+        dataset=dataset_name(exp),
+        teacher=teacher.key(exp),
+        images=images.key(exp),
+        teachers=teacher_tag(exp, st),
+        store=store_spec(exp).to_dict(),
         precision=str(st.get("precision") or "32-true"),
     )
 
 
-def key(cfg: DictConfig) -> str:
-    return spec(cfg).key()
+@once
+def key(exp: Experiment) -> str:
+    return spec(exp).key()
 
 
-def path(cfg: DictConfig) -> Path:
-    return spec(cfg).path(root(cfg))
+@once
+def path(exp: Experiment) -> Path:
+    return spec(exp).path(root(exp))
 
 
 def prepare(store: Path, spec: StoreSpec, meta: dict[str, Any], overwrite: bool = False) -> str:

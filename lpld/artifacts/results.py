@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from lpld.artifacts import teacher
 from lpld.artifacts.base import dataset_dir, dataset_name, get, plain_name, root, under
+from lpld.config.frozen import Experiment, once
 
 
 @dataclass(frozen=True)
@@ -27,20 +26,24 @@ class ResultsSpec:
         return under(Path(artifacts), self.dataset, "results", f"{self.name}.jsonl")
 
 
-def dir(cfg: DictConfig) -> Path:  # noqa: A001 - artifacts.results.dir(cfg)
+@once
+def dir(exp: Experiment) -> Path:  # noqa: A001 - artifacts.results.dir(exp)
     """The folder of every results file of this dataset (stage=report's default source)."""
-    return dataset_dir(cfg) / "results"
+    return dataset_dir(exp) / "results"
 
 
-def pipeline_name(cfg: DictConfig) -> str:
+@once
+def pipeline_name(exp: Experiment) -> str:
     """A pipeline's results file: ``stage.results_name`` or ``pipeline_<teacher name>_ipc<ipc>``."""
-    return str(get(cfg, "stage.results_name") or f"pipeline_{teacher.teacher_name(cfg)}_ipc{int(cfg.ipc)}")
+    return str(get(exp, "stage.results_name") or f"pipeline_{teacher.teacher_name(exp)}_ipc{int(exp.ipc)}")
 
 
-def spec(cfg: DictConfig, name: str | None = None) -> ResultsSpec:
+@once
+def spec(exp: Experiment, name: str | None = None) -> ResultsSpec:
     """The results file of this run (``name`` else ``stage.results_name`` else ``results``)."""
-    return ResultsSpec(dataset=dataset_name(cfg), name=str(name or get(cfg, "stage.results_name", "results")))
+    return ResultsSpec(dataset=dataset_name(exp), name=str(name or get(exp, "stage.results_name", "results")))
 
 
-def path(cfg: DictConfig, name: str | None = None) -> Path:
-    return spec(cfg, name).path(root(cfg))
+@once
+def path(exp: Experiment, name: str | None = None) -> Path:
+    return spec(exp, name).path(root(exp))

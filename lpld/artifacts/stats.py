@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from lpld.artifacts import teacher
 from lpld.artifacts.base import dataset_name, get, root, sign, under
+from lpld.config.frozen import Experiment, once
 from lpld.core.io import ArtifactError
 
 EMA_MODES = ("official", "ema")  # lpld.core.bnstats.EMA_MODES: the pass's order changes the result
@@ -43,55 +43,58 @@ class StatsSpec:
         return under(Path(artifacts), self.dataset, self.teacher, "stats", f"{self.key()}.pt")
 
 
-def _precision(cfg: Any) -> str:
+def _precision(exp: Any) -> str:
     """The stats pass's precision: ``trainer.stage_precision.stats`` > ``trainer.precision``."""
-    return str(get(cfg, "trainer.stage_precision.stats") or get(cfg, "trainer.precision", "32-true"))
+    return str(get(exp, "trainer.stage_precision.stats") or get(exp, "trainer.precision", "32-true"))
 
 
-def spec(cfg: DictConfig) -> StatsSpec:
+@once
+def spec(exp: Experiment) -> StatsSpec:
     from lpld.config import stats_settings
 
-    st = stats_settings(cfg)  # the stats stage's knobs under stage=stats, the default pass from any other stage
+    st = stats_settings(exp)  # the stats stage's knobs under stage=stats, the default pass from any other stage
     return StatsSpec(
-        dataset=dataset_name(cfg),
-        teacher=teacher.key(cfg),
+        dataset=dataset_name(exp),
+        teacher=teacher.key(exp),
         mode=str(st["mode"]),
         momentum=float(st["momentum"]),
         batch_size=int(st["batch_size"]),
         augment=bool(st["augment"]),
         max_images=st.get("max_images"),
-        precision=_precision(cfg),
-        order_seed=stats_seed(cfg) if st["mode"] in EMA_MODES else None,
+        precision=_precision(exp),
+        order_seed=stats_seed(exp) if st["mode"] in EMA_MODES else None,
     )
 
 
-def stats_seed(cfg: DictConfig) -> int:
+@once
+def stats_seed(exp: Experiment) -> int:
     """The seed of the stats pass: ``teacher_seed`` (as the teacher's own training), else the run seed."""
-    return int(get(cfg, "teacher_seed", cfg.seed))
+    return int(get(exp, "teacher_seed", exp.seed))
 
 
-def path(cfg: DictConfig) -> Path:
-    return spec(cfg).path(root(cfg))
+@once
+def path(exp: Experiment) -> Path:
+    return spec(exp).path(root(exp))
 
 
-def open(cfg: DictConfig, teacher_fingerprint: str | None, allow_other_teacher: bool = False) -> dict[str, Any]:  # noqa: A001
+def open(exp: Experiment, teacher_fingerprint: str | None, allow_other_teacher: bool = False) -> dict[str, Any]:  # noqa: A001
     """The stats of this config, checked against the teacher (``lpld.core.bnstats.load_classwise_stats``)."""
     from lpld.core.bnstats import load_classwise_stats
 
-    p = path(cfg)
+    p = path(exp)
     if not p.exists():
         raise ArtifactError(
-            f"no class-wise BN statistics at {p}; run `python run.py stage=stats dataset={cfg.dataset.name} "
-            f"model={cfg.model.name}` with the same overrides first (or recover.stats_path=/path/to/stats.pt)"
-            + _missing_hint(cfg)
+            f"no class-wise BN statistics at {p}; run `python run.py stage=stats dataset={exp.dataset.name} "
+            f"model={exp.model.name}` with the same overrides first (or recover.stats_path=/path/to/stats.pt)"
+            + _missing_hint(exp)
         )
     return load_classwise_stats(p, teacher_fingerprint, allow_other_teacher=allow_other_teacher)
 
 
-def _missing_hint(cfg: DictConfig) -> str:
+def _missing_hint(exp: Experiment) -> str:
     from lpld.artifacts.catalog import missing_hint
 
-    return missing_hint(cfg, "stats", spec(cfg))
+    return missing_hint(exp, "stats", spec(exp))
 
 
 def prepare(out: Path, teacher_fingerprint: str, mode: str, overwrite: bool) -> str:

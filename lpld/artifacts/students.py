@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from lpld.artifacts import images, labels, teacher
 from lpld.artifacts import overwrite as overwrite_artifact
-from lpld.artifacts.base import dataset_name, get, plain_name, root, sign, under
+from lpld.artifacts.base import dataset_name, plain_name, root, sign, under
+from lpld.config.frozen import Experiment, select
 from lpld.core.io import acquire_lock, aside_path, read_json, release_lock
 
 
@@ -43,17 +42,17 @@ class StudentSpec:
         return under(Path(artifacts), self.dataset, self.teacher, "students", self.images, self.store, self.key())
 
 
-def store_dir(cfg: DictConfig, source: DictConfig | None = None) -> Path:
+def store_dir(exp: Experiment, source: Experiment | None = None) -> Path:
     """The label store this student reads: ``stage.store`` if set, else the store of ``source`` (the config
-    whose prune group is the metric's source ratio; default ``cfg``)."""
-    explicit = get(cfg, "stage.store")
+    whose prune group is the metric's source ratio; default ``exp``)."""
+    explicit = select(exp, "stage.store")
     if explicit:
         return Path(str(explicit)).expanduser().resolve()
-    return labels.path(cfg if source is None else source)
+    return labels.path(exp if source is None else source)
 
 
 def spec(
-    cfg: DictConfig,
+    exp: Experiment,
     store: Path,
     *,
     model: dict[str, Any],
@@ -66,22 +65,22 @@ def spec(
     """The run of this config on the store at ``store`` (settings resolved against its manifest)."""
     plain_name(model.get("name"), "student.arch", "resnet18")  # the run folder's name starts with it
     return StudentSpec(
-        dataset=dataset_name(cfg),
-        teacher=teacher.key(cfg),
-        images=images.key(cfg),
+        dataset=dataset_name(exp),
+        teacher=teacher.key(exp),
+        images=images.key(exp),
         store=plain_name(Path(store).name, "stage.store", "/path/to/labels/<store folder>"),
         model=dict(model),
         settings=dict(settings),
         metric=dict(metric),
-        seed=int(cfg.seed),
+        seed=int(exp.seed),
         images_fingerprint=images_fingerprint,
         world=int(world),
         precision=str(precision),
     )
 
 
-def path(cfg: DictConfig, run: StudentSpec) -> Path:
-    return run.path(root(cfg))
+def path(exp: Experiment, run: StudentSpec) -> Path:
+    return run.path(root(exp))
 
 
 def prepare(run_dir: Path, final: Path, overwrite: bool) -> dict[str, Any] | None:

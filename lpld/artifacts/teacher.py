@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
-from lpld.artifacts.base import dataset_name, get, plain, plain_name, root, sign, under
+from lpld.artifacts.base import dataset_name, plain, plain_name, root, sign, under
+from lpld.config.frozen import Experiment, once, select
 from lpld.core.io import ArtifactError, fingerprint_state_dict
 
 FILE = "teacher.pt"
@@ -24,24 +24,26 @@ FILE = "teacher.pt"
 _NOT_IDENTITY = ("recipe", "root", "download")
 
 
-def teacher_name(cfg: Any) -> str:
+@once
+def teacher_name(exp: Any) -> str:
     """Readable teacher name: model name, plus ``-<tag>`` for published / external weights (or
     ``-pretrained``), plus ``-s<teacher_seed>`` for a teacher trained with a non-zero ``teacher_seed``."""
-    name = plain_name(cfg.model.name, "model.name", "convnet")  # names the teacher's folder
-    tag = get(cfg, "model.tag")
+    name = plain_name(exp.model.name, "model.name", "convnet")  # names the teacher's folder
+    tag = select(exp, "model.tag")
     if tag:
         name = f"{name}-{plain_name(tag, 'model.tag')}"
-    elif get(cfg, "model.pretrained", False):
+    elif select(exp, "model.pretrained", False):
         return f"{name}-pretrained"
-    tseed = int(get(cfg, "teacher_seed", 0) or 0)
-    if tseed and not get(cfg, "model.checkpoint"):
+    tseed = int(select(exp, "teacher_seed", 0) or 0)
+    if tseed and not select(exp, "model.checkpoint"):
         name = f"{name}-s{tseed}"
     return name
 
 
-def dataset_identity(cfg: Any) -> dict[str, Any]:
+@once
+def dataset_identity(exp: Any) -> dict[str, Any]:
     """The dataset config without where it lives (root, download) and without later stages' recipes."""
-    return {k: v for k, v in (plain(cfg.dataset) or {}).items() if k not in _NOT_IDENTITY}
+    return {k: v for k, v in (plain(exp.dataset) or {}).items() if k not in _NOT_IDENTITY}
 
 
 @dataclass(frozen=True)
@@ -69,34 +71,39 @@ class TeacherSpec:
         return under(Path(artifacts), self.dataset, self.key())
 
 
-def spec(cfg: DictConfig) -> TeacherSpec:
-    tseed = int(get(cfg, "teacher_seed", 0) or 0)
-    given = bool(get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False))
+@once
+def spec(exp: Experiment) -> TeacherSpec:
+    tseed = int(select(exp, "teacher_seed", 0) or 0)
+    given = bool(select(exp, "model.checkpoint") or select(exp, "model.pretrained", False))
     return TeacherSpec(
-        dataset=dataset_name(cfg),
-        name=teacher_name(cfg),
-        model=plain(cfg.model),
-        data=dataset_identity(cfg),
+        dataset=dataset_name(exp),
+        name=teacher_name(exp),
+        model=plain(exp.model),
+        data=dataset_identity(exp),
         teacher_seed=0 if given else tseed,  # given weights do not depend on a training seed
     )
 
 
-def key(cfg: DictConfig) -> str:
-    return spec(cfg).key()
+@once
+def key(exp: Experiment) -> str:
+    return spec(exp).key()
 
 
-def base_dir(cfg: DictConfig) -> Path:
+@once
+def base_dir(exp: Experiment) -> Path:
     """``<artifacts>/<dataset>/<teacher key>``: where this teacher's downstream artifacts live."""
-    return spec(cfg).base(root(cfg))
+    return spec(exp).base(root(exp))
 
 
-def dir(cfg: DictConfig) -> Path:  # noqa: A001 - the module is the namespace: artifacts.teacher.dir(cfg)
-    return spec(cfg).dir(root(cfg))
+@once
+def dir(exp: Experiment) -> Path:  # noqa: A001 - the module is the namespace: artifacts.teacher.dir(exp)
+    return spec(exp).dir(root(exp))
 
 
-def path(cfg: DictConfig) -> Path:
+@once
+def path(exp: Experiment) -> Path:
     """Final teacher weights written by squeeze (``model.checkpoint`` overrides where it is read)."""
-    return spec(cfg).path(root(cfg))
+    return spec(exp).path(root(exp))
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -116,37 +123,37 @@ def read(path: Path) -> dict[str, Any]:
     return blob
 
 
-def build(cfg: DictConfig) -> torch.nn.Module:
+def build(exp: Experiment) -> torch.nn.Module:
     """The teacher architecture for this dataset (weights per model.pretrained / model.checkpoint)."""
     from lpld.models import build_model
 
-    d = cfg.dataset
-    return build_model(cfg.model, num_classes=int(d.num_classes), in_chans=int(d.channels), img_size=int(d.image_size))
+    d = exp.dataset
+    return build_model(exp.model, num_classes=int(d.num_classes), in_chans=int(d.channels), img_size=int(d.image_size))
 
 
-def load(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
+def load(exp: Experiment) -> tuple[torch.nn.Module, str]:
     """The teacher in eval mode (no grads) and its fingerprint (sha256 over its weights).
 
     Source, in order: ``model.checkpoint`` (a local file), ``model.pretrained`` (published
     weights), else the teacher trained by ``stage=squeeze`` at :func:`path`.
     """
-    if get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False):
-        model = build(cfg)  # the registry loads the checkpoint / published weights
+    if select(exp, "model.checkpoint") or select(exp, "model.pretrained", False):
+        model = build(exp)  # the registry loads the checkpoint / published weights
     else:
-        p = path(cfg)
+        p = path(exp)
         if not p.exists():
             raise ArtifactError(
-                f"no teacher at {p}. Train one with `python run.py stage=squeeze dataset={cfg.dataset.name} "
-                f"model={cfg.model.name}`, or set model.checkpoint=/path/to/weights.pt or model.pretrained=true"
-                + _missing_hint(cfg)
+                f"no teacher at {p}. Train one with `python run.py stage=squeeze dataset={exp.dataset.name} "
+                f"model={exp.model.name}`, or set model.checkpoint=/path/to/weights.pt or model.pretrained=true"
+                + _missing_hint(exp)
             )
         blob = read(p)
-        model = build(cfg)
+        model = build(exp)
         try:
             model.load_state_dict(blob["state_dict"])
         except RuntimeError as e:
             raise ArtifactError(
-                f"teacher at {p} does not fit model={cfg.model.name} for dataset={cfg.dataset.name}: {e}"
+                f"teacher at {p} does not fit model={exp.model.name} for dataset={exp.dataset.name}: {e}"
             ) from e
     model.eval()
     for prm in model.parameters():
@@ -154,15 +161,15 @@ def load(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     return model, fingerprint_state_dict(model.state_dict())
 
 
-def fingerprint(cfg: DictConfig) -> str | None:
+def fingerprint(exp: Experiment) -> str | None:
     """The teacher's fingerprint without building it when squeeze wrote it (None: no teacher yet)."""
-    if get(cfg, "model.checkpoint") or get(cfg, "model.pretrained", False):
-        return load(cfg)[1]
-    p = path(cfg)
+    if select(exp, "model.checkpoint") or select(exp, "model.pretrained", False):
+        return load(exp)[1]
+    p = path(exp)
     return read(p).get("fingerprint") if p.exists() else None
 
 
-def prepare(cfg: DictConfig, config_fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+def prepare(exp: Experiment, config_fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
     """Rank 0 of stage=squeeze: the finished teacher's val metrics (reuse), or None (train / resume).
 
     Takes the teacher folder's lock (released here on reuse, else by squeeze when the teacher is written).
@@ -175,7 +182,7 @@ def prepare(cfg: DictConfig, config_fingerprint: str, overwrite: bool) -> dict[s
     from lpld.artifacts import overwrite as overwrite_artifact
     from lpld.core.io import acquire_lock, aside_path, release_lock
 
-    out_dir, weights = dir(cfg), path(cfg)
+    out_dir, weights = dir(exp), path(exp)
     acquire_lock(out_dir, "teacher")  # one writer per teacher folder (released when done, or at exit)
     if weights.exists() and not overwrite:
         blob = read(weights)
@@ -194,8 +201,8 @@ def prepare(cfg: DictConfig, config_fingerprint: str, overwrite: bool) -> dict[s
     return None
 
 
-def _missing_hint(cfg: DictConfig) -> str:
+def _missing_hint(exp: Experiment) -> str:
     """The closest existing teacher and the values that differ (lpld.artifacts.catalog), or ""."""
     from lpld.artifacts.catalog import missing_hint
 
-    return missing_hint(cfg, "teacher", spec(cfg))
+    return missing_hint(exp, "teacher", spec(exp))

@@ -25,10 +25,15 @@ def node_get(node: Any, key: str) -> Any:
 
 def dataset_recipe(cfg: Any, section: str) -> dict[str, Any]:
     """The dataset's ``recipe.<section>`` with its ``ipc_table`` entry for ``cfg.ipc`` merged over it."""
+    return section_recipe(cfg.dataset, cfg.get("ipc"), section)
+
+
+def section_recipe(dataset: Any, ipc: Any, section: str) -> dict[str, Any]:
+    """``recipe.<section>`` of the dataset node with its ``ipc_table`` entry for ``ipc`` merged over it (what the
+    resolvers call: they hand down the dataset section, not the whole experiment)."""
     from lpld.data.recipe import recipe
 
-    ipc = node_get(cfg, "ipc")
-    return recipe(cfg.dataset, section, ipc=None if ipc is None else int(ipc))
+    return recipe(dataset, section, ipc=None if ipc is None else int(ipc))
 
 
 class Knobs:

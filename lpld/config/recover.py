@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lpld.config.precedence import Knobs, dataset_recipe, node_get
+from lpld.config.frozen import memoized
+from lpld.config.precedence import Knobs, node_get, section_recipe
 from lpld.core.recover_methods import get_recover_method, list_recover_methods
 from lpld.errors import ConfigError
 
@@ -20,6 +21,7 @@ def methods() -> dict[str, dict[str, Any]]:
     return {m: get_recover_method(m).as_dict() for m in list_recover_methods()}
 
 
+@memoized("recover")
 def recover_settings(cfg: Any) -> dict[str, Any]:
     """Resolved recover knobs (recover.<key> > ipc_table > dataset recipe > schema default), validated.
 
@@ -36,7 +38,7 @@ def recover_settings(cfg: Any) -> dict[str, Any]:
         raise ConfigError(f"ipc must be >= 1 (images per class), got {ipc}")
     schema = meth.knobs
     has_recipe = any("recipe" in f.metadata for f in dataclasses.fields(schema))
-    knobs = resolve_knobs(rc, dataset_recipe(cfg, "recover") if has_recipe else None, schema)
+    knobs = resolve_knobs(rc, section_recipe(cfg.dataset, cfg.get("ipc"), "recover") if has_recipe else None, schema)
     n = node_get(cfg.dataset, "num_classes")  # None while unset (imagefolder: read from the tree later)
     return meth.settings(knobs, None if n is None else int(n))
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpld.config.precedence import Knobs, dataset_recipe, node_get
+from lpld.config.frozen import memoized
+from lpld.config.precedence import Knobs, node_get, section_recipe
 from lpld.config.schema import RelabelConf
 from lpld.core.augment import CUTOUT_FILLS, MIX_MODES
 from lpld.core.pruning import DROP_LAST_MODES
@@ -15,6 +16,7 @@ RECORD_MODES = ("explicit", "seed")
 ENSEMBLES = ("mean_logits", "mean_probs")
 
 
+@memoized("relabel")
 def relabel_settings(cfg: Any) -> dict[str, Any]:
     """The relabel knobs: ``relabel.<key>`` > dataset ``recipe.student`` (+ ipc_table) > schema default.
 
@@ -27,7 +29,7 @@ def relabel_settings(cfg: Any) -> dict[str, Any]:
     """
     from lpld.data.config import to_plain
 
-    k = Knobs(node_get(cfg, "relabel"), dataset_recipe(cfg, "student"), RelabelConf)
+    k = Knobs(cfg.get("relabel"), section_recipe(cfg.dataset, cfg.get("ipc"), "student"), RelabelConf)
     teachers = to_plain(k.get("teachers"))
     out = {
         "epochs": _opt_int(k.get("epochs")),
@@ -67,6 +69,7 @@ def _drop_last(v: Any) -> str:
     return s
 
 
+@memoized("quant")
 def quant_settings(cfg: Any) -> dict[str, Any]:
     """The label quantization: the codec (``quant.mode``) and the knobs it declares (``LabelCodec.params``).
 
@@ -85,7 +88,7 @@ def quant_settings(cfg: Any) -> dict[str, Any]:
     from lpld.core.quant import COMMON_PARAMS, get_label_codec, list_label_codecs
     from lpld.data.config import to_plain
 
-    q = node_get(cfg, "quant")
+    q = cfg.get("quant")
     mode = str(node_get(q, "mode") or node_get(q, "name") or "none")
     if mode not in list_label_codecs():
         raise ConfigError(f"unknown quant mode {mode!r}; choose quant=<{'|'.join(list_label_codecs())}>")
@@ -105,7 +108,9 @@ def quant_settings(cfg: Any) -> dict[str, Any]:
         key = f"quant.{name}" if common else f"quant.params.{name}"
         v = node_get(q, name) if common else given.get(name)
         if v is None and name == "temperature":
-            v = Knobs(node_get(cfg, "student"), dataset_recipe(cfg, "student"), StudentConf).get("temperature")
+            v = Knobs(cfg.get("student"), section_recipe(cfg.dataset, cfg.get("ipc"), "student"), StudentConf).get(
+                "temperature"
+            )
         if v is None:
             v = decl.default
         if v is None:

@@ -68,13 +68,13 @@ def resolve(cfg: Any, sections: tuple[str, ...] | None = None) -> RunSpec:
     Raises:
         ConfigError: a knob of one of those sections is invalid (the message names the key and the fix).
     """
-    stage = str(node_get(node_get(cfg, "stage"), "name"))
+    stage = str(node_get(cfg.get("stage"), "name"))
     wanted = SECTIONS.get(stage, ()) if sections is None else sections
     values = {s: RESOLVERS[s](cfg) for s in wanted}
     return RunSpec(
         stage=stage,
-        dataset=str(node_get(node_get(cfg, "dataset"), "name")),
-        model=str(node_get(node_get(cfg, "model"), "name")),
+        dataset=str(node_get(cfg.get("dataset"), "name")),
+        model=str(node_get(cfg.get("model"), "name")),
         ipc=int(cfg.ipc),
         seed=int(cfg.seed),
         **values,

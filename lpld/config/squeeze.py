@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpld.config.precedence import Knobs, dataset_recipe, node_get
+from lpld.config.frozen import memoized
+from lpld.config.precedence import Knobs, node_get, section_recipe
 from lpld.config.schema import SqueezeStage
 
 
+@memoized("squeeze")
 def squeeze_settings(cfg: Any) -> dict[str, Any]:
     """The teacher's training recipe: ``stage.<key>`` (under stage=squeeze) > dataset ``recipe.squeeze`` >
     schema default. Other stages (which check a teacher) see the recipe: their stage node is not squeeze's."""
-    node = cfg.stage if str(node_get(node_get(cfg, "stage"), "name")) == "squeeze" else None
-    k = Knobs(node, dataset_recipe(cfg, "squeeze"), SqueezeStage)
+    node = cfg.stage if str(node_get(cfg.get("stage"), "name")) == "squeeze" else None
+    k = Knobs(node, section_recipe(cfg.dataset, cfg.get("ipc"), "squeeze"), SqueezeStage)
     return {
         "name": str(k.get("optimizer")),
         "epochs": int(k.get("epochs")),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpld.config.precedence import dataset_recipe, node_get
+from lpld.config.frozen import memoized
+from lpld.config.precedence import node_get, section_recipe
 from lpld.config.schema import StatsStage, fallback
 from lpld.errors import ConfigError
 
 
 def _stats_node(cfg: Any) -> Any:
     """``cfg.stage`` under stage=stats; None otherwise (a consumer sees the default pass)."""
-    st = node_get(cfg, "stage")
+    st = cfg.get("stage")
     return st if str(node_get(st, "name")) == "stats" else None
 
 
@@ -22,12 +23,13 @@ def stats_mode(cfg: Any) -> str:
     (in1k / tiny / in21k: ``official``, the ClassAwareBatchNorm2d EMA their published runs used; the
     small datasets, which have no official run: ``exact``), else ``exact``.
     """
-    for v in (node_get(_stats_node(cfg), "mode"), node_get(node_get(cfg, "recover"), "stats_mode")):
+    for v in (node_get(_stats_node(cfg), "mode"), node_get(cfg.get("recover"), "stats_mode")):
         if v is not None:
             return str(v)
-    return str(dataset_recipe(cfg, "stats").get("mode") or "exact")
+    return str(section_recipe(cfg.dataset, cfg.get("ipc"), "stats").get("mode") or "exact")
 
 
+@memoized("stats")
 def stats_settings(cfg: Any) -> dict[str, Any]:
     """Resolved knobs of stage=stats: mode, momentum, batch_size, augment (and max_images, which limits the pass).
 

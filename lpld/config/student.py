@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpld.config.precedence import Knobs, dataset_recipe, node_get
+from lpld.config.frozen import memoized
+from lpld.config.precedence import Knobs, node_get, section_recipe
 from lpld.config.schema import StudentConf
 from lpld.errors import ConfigError
 
@@ -12,6 +13,7 @@ OPTIMIZERS = ("adamw", "sgd", "adam")  # lpld.lit.student_module.configure_optim
 LR_SCHEDULERS = ("cosine", "smooth_cosine", "constant")  # smooth_cosine: RDED/LPLD --smoothing_lr
 
 
+@memoized("student")
 def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Resolved student knobs: ``student.<key>`` > ipc_table > dataset ``recipe.student`` > schema default.
 
@@ -27,7 +29,7 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
     """
     from lpld.data.config import to_plain
 
-    k = Knobs(node_get(cfg, "student"), dataset_recipe(cfg, "student"), StudentConf)
+    k = Knobs(cfg.get("student"), section_recipe(cfg.dataset, cfg.get("ipc"), "student"), StudentConf)
     man = store_manifest if store_manifest is not None else _manifest_of_config(cfg)
     epochs = k.get("epochs")
     out = {
@@ -79,7 +81,7 @@ def _manifest_of_config(cfg: Any) -> dict[str, Any]:
     epochs = relabel_settings(cfg)["epochs"]
     if epochs is None:
         raise ConfigError("student needs epochs: set student.epochs (or relabel.epochs) or a dataset recipe")
-    prune = node_get(cfg, "prune")
+    prune = cfg.get("prune")
     return {"epochs": epochs, "granularity": node_get(prune, "granularity"), "quant": quant_settings(cfg)}
 
 
@@ -110,12 +112,13 @@ def _validate(st: dict[str, Any]) -> None:
         raise ConfigError(f"student.ca_grid must be [lo, hi, n], got {st['ca_grid']}")
 
 
+@memoized("metric")
 def metric_settings(cfg: Any) -> dict[str, Any]:
     """The label-pool selection (LPLD Table 5): metric name, order, easy/hard drop shares, source store."""
     from lpld.core.label_pool import ORDERS
     from lpld.core.prune_metrics import list_prune_metrics
 
-    m = node_get(cfg, "metric") or {"name": "random"}
+    m = cfg.get("metric") or {"name": "random"}
     out = {
         "name": str(m.get("name", "random")),
         "order": str(m.get("order", "random")),

@@ -3,20 +3,22 @@ and the world size it trains at. Shared by the student stage, ``stage=show`` and
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from lpld.config.compose import group_option
+from lpld.config.frozen import Experiment
 from lpld.config.student import metric_settings
 
 
 def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    from lpld.config.frozen import to_plain
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else to_plain(node)
 
 
-def student_model_cfg(cfg: DictConfig) -> dict[str, Any]:
+def student_model_cfg(cfg: Experiment) -> dict[str, Any]:
     """Student architecture: ``student.arch`` (+ ``arch_knobs``), or the teacher's architecture.
 
     Never inherits the teacher's weights (pretrained/checkpoint/tag are dropped): a fresh student.
@@ -58,21 +60,21 @@ def _arch_config(arch: str) -> dict[str, Any]:
     return {k: v for k, v in arch_cfg.items() if k not in ("pretrained", "checkpoint", "tag")}
 
 
-def with_prune(cfg: DictConfig, prune_name: str) -> DictConfig:
-    """A copy of cfg whose ``prune`` group is the option ``prune=<prune_name>`` (composed by Hydra)."""
-    out = copy.deepcopy(cfg)
-    out.prune = group_option("prune", prune_name, "metric.source_prune")
-    return out
+def with_prune(exp: Experiment, prune_name: str) -> Experiment:
+    """``exp`` with the ``prune`` group's option ``prune=<prune_name>`` (composed by Hydra)."""
+    from lpld.config.experiment import with_group
+
+    return with_group(exp, "prune", prune_name, "metric.source_prune")
 
 
-def store_config(cfg: DictConfig) -> DictConfig:
+def store_config(cfg: Experiment) -> Experiment:
     """The config whose label store the student reads: ``cfg`` itself (random pruning reads the store generated
     at the target ratio), or ``cfg`` at ``metric.source_prune`` (a pruning metric selects from that store)."""
     m = metric_settings(cfg)
     return with_prune(cfg, m["source_prune"]) if m["name"] != "random" else cfg
 
 
-def world_size(cfg: DictConfig) -> int:
+def world_size(cfg: Experiment) -> int:
     """Processes the trainer preset will run (devices x nodes; devices=-1 means every visible GPU)."""
     from lpld.dist import planned_world_size
 

@@ -35,7 +35,7 @@ def build_dataset(ds_cfg: Any, split: str, transform: Any = None) -> TensorImage
     """The ``split`` of the dataset described by ``ds_cfg``, yielding ``(image tensor, int label)``.
 
     Args:
-        ds_cfg: the dataset config (``cfg.dataset``; DictConfig or plain dict) with at least
+        ds_cfg: the dataset config (``exp.dataset``, or a plain dict) with at least
             type/name, num_classes, channels, image_size, mean, std and, except for demo, root.
         split: "train" or "val" (val is the official test/val set where the dataset has one).
         transform: maps a PIL image / uint8 (C, H, W) tensor to a tensor; None = eval transform

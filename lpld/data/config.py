@@ -1,4 +1,4 @@
-"""Read dataset config values from an OmegaConf DictConfig or a plain dict alike."""
+"""Read dataset config values from any mapping: a section of the frozen experiment or a plain dict."""
 
 from __future__ import annotations
 
@@ -32,14 +32,7 @@ def cfg_require(ds_cfg: Any, key: str) -> Any:
 
 
 def to_plain(value: Any) -> Any:
-    """Convert DictConfig/ListConfig (or nested mappings/sequences) to plain python containers."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # plain-dict users need not have omegaconf
-        pass
+    """Nested mappings / sequences (a section of the frozen experiment) as plain python containers."""
     if isinstance(value, Mapping):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

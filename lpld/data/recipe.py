@@ -22,7 +22,7 @@ def recipe(ds_cfg: Any, section: str, ipc: int | None = None) -> dict[str, Any]:
     (nested dicts merged key by key). Stage configs that leave a knob null fall back to this.
 
     Args:
-        ds_cfg: the dataset config (DictConfig or dict).
+        ds_cfg: the dataset config (any mapping: the experiment's dataset section or a dict).
         section: one of "squeeze", "stats", "recover", "student".
         ipc: images per class of the run; None skips the ipc table.
     """

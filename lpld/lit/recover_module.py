@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lpld.core.images import save_png, to_uint8
@@ -39,7 +38,7 @@ class RecoverModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
         self.job = RecoverJob(**job)
-        self.dataset_cfg = OmegaConf.create(dataset)  # the dataset builders read a config node
+        self.dataset_cfg = dict(dataset)  # the dataset builders read any mapping
         self.num_workers = int(num_workers)
         self.teacher = teacher
         self.class_mean: list[torch.Tensor] | None = None

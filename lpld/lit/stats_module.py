@@ -8,7 +8,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lpld.core.bnstats import EMA_MODES, ClasswiseBNStats
@@ -74,7 +73,7 @@ class StatsModule(L.LightningModule):
         from lpld.data.transforms import eval_transform, rrc_flip_transform, train_transform
 
         job = self.job
-        ds_cfg = OmegaConf.create(job.dataset)  # the dataset builders read a config node
+        ds_cfg = job.dataset  # the dataset builders read any mapping
         if not job.augment:
             tf = eval_transform(ds_cfg)
         else:  # official: the official pass's RandomResizedCrop + flip; else the teacher's own augmentation

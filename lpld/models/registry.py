@@ -75,16 +75,10 @@ def model_names() -> list[str]:
 
 
 def _to_dict(model_cfg: Any) -> dict[str, Any]:
-    """Plain dict from a dict or an OmegaConf DictConfig (resolving interpolations)."""
+    """Plain dict from any mapping (a dict, a section of the frozen experiment)."""
     if isinstance(model_cfg, Mapping):
         return dict(model_cfg)
-    try:  # imported lazily: the registry itself does not need OmegaConf for plain dicts
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency of the project
-        DictConfig = ()  # noqa: N806
-    if DictConfig and isinstance(model_cfg, DictConfig):
-        return dict(OmegaConf.to_container(model_cfg, resolve=True))
-    raise TypeError(f"model config must be a dict or DictConfig, got {type(model_cfg).__name__}")
+    raise TypeError(f"model config must be a mapping, got {type(model_cfg).__name__}")
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -97,7 +91,7 @@ def build_model(model_cfg: Any, num_classes: int, in_chans: int, img_size: int) 
     """Build the network named by ``model_cfg["name"]``.
 
     Args:
-        model_cfg: dict or DictConfig with ``name`` (registry key), ``pretrained`` (bool: load the
+        model_cfg: a mapping with ``name`` (registry key), ``pretrained`` (bool: load the
             published ImageNet-1k weights; with ``num_classes != 1000`` the classifier is replaced by a
             freshly initialised one), ``checkpoint`` (path to a local ``torch.save`` file, or null;
             when set it is loaded after building and ``pretrained`` downloads nothing), ``tag`` (only

@@ -24,7 +24,7 @@ import torch
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from lpld.config.schema import check_known_keys
+from lpld.config.frozen import Experiment
 from lpld.errors import ConfigError, user_error_types  # re-exported: ``from lpld.stages import ConfigError`` works
 
 log = logging.getLogger("lpld")
@@ -51,8 +51,6 @@ DEBUG_ENV = ("LPLD_DEBUG", "HYDRA_FULL_ERROR")  # either set to 1: user errors k
 
 def config_strings(cfg: Any) -> list[tuple[str, str]]:
     """(dotted key, value) of every string value of ``cfg`` (resolved; the raw values if resolving fails)."""
-    from omegaconf import OmegaConf
-
     found: list[tuple[str, str]] = []
 
     def walk(node: Any, prefix: str) -> None:
@@ -65,11 +63,7 @@ def config_strings(cfg: Any) -> list[tuple[str, str]]:
         elif isinstance(node, str):
             found.append((prefix[:-1], node))
 
-    try:
-        walk(OmegaConf.to_container(cfg, resolve=True), "")
-    except Exception:  # noqa: BLE001 - best effort: fall back to the raw values
-        found.clear()
-        walk(OmegaConf.to_container(cfg, resolve=False), "")
+    walk(_plain_config(cfg) or {}, "")
     return [(k, v) for k, v in found if not k.startswith("hydra.")]
 
 
@@ -102,7 +96,24 @@ def translate_error(e: BaseException, cfg: DictConfig | None = None) -> BaseExce
             return out
     from lpld.stages.error_text import translate  # workers, reports, missing user files, pickles, OOM, no GPU
 
-    return translate(e, cfg) or e
+    return translate(e, _plain_config(cfg)) or e
+
+
+def _plain_config(cfg: Any) -> dict[str, Any] | None:
+    """The config's values as plain python for an error message (best effort: raw values if resolving fails), so
+    the error texts below dispatch never see the Hydra config."""
+    if cfg is None or isinstance(cfg, Experiment):
+        return None if cfg is None else cfg.to_dict()
+    if isinstance(cfg, dict):
+        return cfg
+    from omegaconf import OmegaConf
+
+    for resolve in (True, False):
+        try:
+            return OmegaConf.to_container(cfg, resolve=resolve)  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation: try the raw values
+            continue
+    return None
 
 
 def debug_requested() -> bool:
@@ -270,7 +281,7 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
-def check_dataset_normalisation(cfg: DictConfig) -> None:
+def check_dataset_normalisation(exp: Experiment) -> None:
     """Refuse a non-finite ``dataset.mean`` / ``dataset.std`` or a std <= 0 (it would train a NaN teacher and write
     NaN statistics), naming the key.
 
@@ -279,18 +290,11 @@ def check_dataset_normalisation(cfg: DictConfig) -> None:
     """
     import math
 
-    from omegaconf import OmegaConf
-
-    if cfg.get("dataset") is None:
-        return
     for key in ("mean", "std"):
-        try:
-            v = OmegaConf.select(cfg, f"dataset.{key}", default=None)
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
-            continue
+        v = exp.select(f"dataset.{key}")
         if v is None:
             continue
-        values = list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
+        values = list(v) if isinstance(v, (list, tuple)) else [v]
         for i, x in enumerate(values):
             try:
                 f = float(x)
@@ -306,36 +310,40 @@ def check_dataset_normalisation(cfg: DictConfig) -> None:
                 )
 
 
-def run_stage(cfg: DictConfig) -> Any:
-    """Import and run the stage named by ``cfg.stage.name``; return what the stage returns
-    (e.g. relabel's ``{"path": ...}``, which the pipeline hands to the student)."""
+def run_stage(cfg: DictConfig | Experiment) -> Any:
+    """Validate and freeze the composed config (:func:`lpld.config.experiment.experiment_of`; an Experiment the
+    pipeline composed is taken as is), then import and run the stage named by ``stage.name`` on that frozen
+    experiment; return what the stage returns (e.g. relabel's ``{"path": ...}``, which the pipeline hands to the
+    student). Nothing below this function sees the Hydra config."""
+    from lpld.config.experiment import experiment_of
+
     name = str(cfg.stage.name)
     if name not in STAGES:
         valid = "\n".join(f"  {k:9s} {v}" for k, v in STAGES.items())
         raise ConfigError(f"unknown stage '{name}'. Valid stages (stage=<name>):\n{valid}")
-    check_known_keys(cfg)  # keys no schema defines, values the composed nodes cannot type (ipc, seed ...)
-    check_dataset_normalisation(cfg)
-    importlib.import_module("lpld.stages.preflight").preflight(cfg)  # value ranges and memory, before any work
-    seed_everything(int(cfg.seed))
-    if cfg.get("show", False) and name != "show":  # `<any command> show=true`: describe it, run nothing
+    exp = cfg if isinstance(cfg, Experiment) else experiment_of(cfg)  # unknown keys, untyped values: one line
+    check_dataset_normalisation(exp)
+    importlib.import_module("lpld.stages.preflight").preflight(exp)  # value ranges and memory, before any work
+    seed_everything(exp.seed)
+    if exp.show and name != "show":  # `<any command> show=true`: describe it, run nothing
         from lpld.stages.show import show, target_overrides
 
-        return show(cfg, target_overrides(None))
+        return show(exp, target_overrides(exp, None))
     module = importlib.import_module(f"lpld.stages.{name}")
-    out = module.run(cfg)
-    _index_written(cfg)
+    out = module.run(exp)
+    _index_written(exp)
     return out
 
 
-def _index_written(cfg: DictConfig) -> None:
+def _index_written(exp: Experiment) -> None:
     """Rank 0, after a stage finished: record the values behind the keys it wrote (lpld.artifacts.catalog), so a
     later run that misses an artifact is told the closest existing one and what differs."""
     writes_nothing = ("show", "artifacts", "pipeline", "plan", "report")  # the pipeline's steps index themselves
-    if int(os.environ.get("RANK", "0")) != 0 or str(cfg.stage.name) in writes_nothing:
+    if int(os.environ.get("RANK", "0")) != 0 or str(exp.stage.name) in writes_nothing:
         return
     from lpld.artifacts.catalog import record_written
 
-    record_written(cfg)
+    record_written(exp)
 
 
 def dispatch(cfg: DictConfig) -> float | None:

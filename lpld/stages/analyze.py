@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from lpld.artifacts import images as images_artifact
 from lpld.artifacts import teacher as teacher_artifact
+from lpld.config.frozen import Experiment
 from lpld.core.bn_updates import Eq8Bound, required_updates
 from lpld.core.diversity import median_bandwidth, mmd2, within_class_cosine
 from lpld.core.images import class_dir_name, load_distilled
@@ -38,25 +38,25 @@ from lpld.stages.common import build_logger, dataset_spec, finish_logger, to_con
 log = logging.getLogger("lpld")
 
 
-def analysis_dir(cfg: DictConfig) -> Path:
+def analysis_dir(exp: Experiment) -> Path:
     """``<artifacts>/<dataset>/<teacher>/analysis/ipc<ipc>_seed<seed>`` unless ``stage.out_dir`` is set."""
-    if cfg.stage.get("out_dir"):
-        return Path(str(cfg.stage.out_dir)).expanduser().resolve()
-    return teacher_artifact.base_dir(cfg) / "analysis" / f"ipc{int(cfg.ipc)}_seed{int(cfg.seed)}"
+    if exp.stage.get("out_dir"):
+        return Path(str(exp.stage.out_dir)).expanduser().resolve()
+    return teacher_artifact.base_dir(exp) / "analysis" / f"ipc{int(exp.ipc)}_seed{int(exp.seed)}"
 
 
-def method_dirs(cfg: DictConfig) -> dict[str, Path]:
+def method_dirs(exp: Experiment) -> dict[str, Path]:
     """{label: distilled image folder}: each ``stage.methods`` entry at its images_dir, then ``stage.image_dirs``."""
     out: dict[str, Path] = {}
-    for m in cfg.stage.get("methods") or []:
-        out[str(m)] = images_artifact.path(images_artifact.with_method(cfg, str(m)))
-    for label, d in (cfg.stage.get("image_dirs") or {}).items():
+    for m in exp.stage.get("methods") or []:
+        out[str(m)] = images_artifact.path(images_artifact.with_method(exp, str(m)))
+    for label, d in (exp.stage.get("image_dirs") or {}).items():
         out[str(label)] = Path(str(d)).expanduser().resolve()
     return out
 
 
-def eq8_for(cfg: DictConfig, counts: list[int]) -> Eq8Bound:
-    e = cfg.stage.get("eq8") or {}
+def eq8_for(exp: Experiment, counts: list[int]) -> Eq8Bound:
+    e = exp.stage.get("eq8") or {}
     return required_updates(
         batch_size=int(e.get("batch_size", 256)),
         counts=counts,
@@ -85,8 +85,8 @@ def sample_per_class(targets: list[int], per_class: int | None, seed: int) -> li
     return out
 
 
-def _device(cfg: DictConfig) -> torch.device:
-    acc = str(cfg.trainer.get("accelerator", "cpu"))
+def _device(exp: Experiment) -> torch.device:
+    acc = str(exp.trainer.get("accelerator", "cpu"))
     return torch.device("cuda" if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
 
 
@@ -102,10 +102,10 @@ def features_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device
     return torch.cat(outs)
 
 
-def _normalize_uint8(images: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def _normalize_uint8(images: torch.Tensor, exp: Experiment) -> torch.Tensor:
     from lpld.data.transforms import normalize
 
-    return normalize(images.float() / 255.0, cfg.dataset)
+    return normalize(images.float() / 255.0, exp.dataset)
 
 
 def _markdown(results: dict[str, Any], eq8: Eq8Bound, ipc: int) -> str:
@@ -147,19 +147,19 @@ class _Reference:
     estimator: str
 
 
-def _eq8(cfg: DictConfig, out: Path) -> tuple[Eq8Bound, Any]:
+def _eq8(exp: Experiment, out: Path) -> tuple[Eq8Bound, Any]:
     """Eq. 8 from the class counts (``stage.class_counts`` or the train set), written to ``eq8_B<B>.json``;
     returns the bound and the train set when it had to be built."""
-    st, spec = cfg.stage, dataset_spec(cfg)
+    st, spec = exp.stage, dataset_spec(exp)
     train = None
     if st.get("class_counts") is not None:
         counts = [int(c) for c in st.class_counts]
     else:
         from lpld.data import build_dataset
 
-        train = build_dataset(cfg.dataset, "train")
+        train = build_dataset(exp.dataset, "train")
         counts = class_counts(list(train.targets), spec.num_classes)
-    eq8 = eq8_for(cfg, counts)
+    eq8 = eq8_for(exp, counts)
     print(eq8.summary())
     eq8_file = out / f"eq8_B{eq8.batch_size}.json"
     atomic_write_json(eq8_file, {"dataset": spec.name, "class_counts": counts, **eq8.as_dict()})
@@ -167,15 +167,15 @@ def _eq8(cfg: DictConfig, out: Path) -> tuple[Eq8Bound, Any]:
     return eq8, train
 
 
-def _reference(cfg: DictConfig, train: Any, teacher: torch.nn.Module, bs: int, device: torch.device) -> _Reference:
+def _reference(exp: Experiment, train: Any, teacher: torch.nn.Module, bs: int, device: torch.device) -> _Reference:
     """Sample the real images, compute their features, diversity and grid, and the MMD bandwidth."""
-    st, spec, seed = cfg.stage, dataset_spec(cfg), int(cfg.seed)
+    st, spec, seed = exp.stage, dataset_spec(exp), int(exp.seed)
     per = st.get("real_per_class")
     idx = sample_per_class(list(train.targets), None if per is None else int(per), seed)
     real_y = torch.as_tensor([int(train.targets[i]) for i in idx], dtype=torch.long)
     gc, gpc = int(st.get("grid_classes", 3)), int(st.get("grid_per_class", 10))
     show = list(range(min(gc, spec.num_classes)))
-    real_f, real_grid = real_features(cfg, teacher, train, idx, show, gpc, bs, device)
+    real_f, real_grid = real_features(exp, teacher, train, idx, show, gpc, bs, device)
     real_cos = within_class_cosine(real_f, real_y)
     gen = torch.Generator().manual_seed(seed)
     sigma = st.get("mmd_bandwidth")
@@ -188,7 +188,7 @@ def _reference(cfg: DictConfig, train: Any, teacher: torch.nn.Module, bs: int, d
 
 
 def _analyze_method(
-    cfg: DictConfig,
+    exp: Experiment,
     label: str,
     d: Path,
     ref: _Reference,
@@ -204,11 +204,11 @@ def _analyze_method(
     Returns:
         (its entry of ``analysis.json``'s "methods", its class-rows grid).
     """
-    st = cfg.stage
+    st = exp.stage
     images, labels, manifest = load_distilled(
         d, expect_teacher_fingerprint=teacher_fp, allow_other_teacher=bool(st.get("allow_other_teacher", False))
     )
-    feats = features_of(teacher, _normalize_uint8(images, cfg), bs, device)
+    feats = features_of(teacher, _normalize_uint8(images, exp), bs, device)
     cos = within_class_cosine(feats, labels)
     m = mmd2(ref.feats, feats, sigma=ref.sigma, estimator=ref.estimator, generator=ref.gen)
     entry = {
@@ -231,38 +231,38 @@ def _analyze_method(
     return entry, grid
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(exp: Experiment) -> dict[str, Any]:
     """Eq. 8 (``stage.mode=eq8``), or Eq. 8 plus diversity / MMD / grids of each method's images (``full``)."""
-    st = cfg.stage
+    st = exp.stage
     mode = str(st.get("mode", "full"))
     if mode not in ("full", "eq8"):
         raise ConfigError(f"stage.mode must be 'full' or 'eq8', got '{mode}'")
-    out = analysis_dir(cfg)
-    spec = dataset_spec(cfg)
-    eq8, train = _eq8(cfg, out)
+    out = analysis_dir(exp)
+    spec = dataset_spec(exp)
+    eq8, train = _eq8(exp, out)
     if mode == "eq8":
         return {"out_dir": str(out), "eq8": eq8.as_dict()}
 
     from lpld.artifacts import teacher as teacher_artifact
 
-    dirs = method_dirs(cfg)
+    dirs = method_dirs(exp)
     if not dirs:
         raise ConfigError("nothing to analyse: set stage.methods=[lpld,...] or stage.image_dirs={label: /path}")
-    teacher, teacher_fp = teacher_artifact.load(cfg)
-    device = _device(cfg)
+    teacher, teacher_fp = teacher_artifact.load(exp)
+    device = _device(exp)
     teacher.to(device)
     bs = int(st.get("feature_batch_size", 256))
     if train is None:
         from lpld.data import build_dataset
 
-        train = build_dataset(cfg.dataset, "train")
-    ref = _reference(cfg, train, teacher, bs, device)
+        train = build_dataset(exp.dataset, "train")
+    ref = _reference(exp, train, teacher, bs, device)
     results: dict[str, Any] = {
         "dataset": spec.name,
-        "teacher": teacher_artifact.teacher_name(cfg),
+        "teacher": teacher_artifact.teacher_name(exp),
         "teacher_fingerprint": teacher_fp,
-        "ipc": int(cfg.ipc),
-        "seed": int(cfg.seed),
+        "ipc": int(exp.ipc),
+        "seed": int(exp.seed),
         "real": {
             "num_images": ref.num_images,
             "per_class": ref.per_class,
@@ -289,7 +289,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.warning("analyze: skipping %s (%s)", label, msg)
             continue
         entry, grid_images[label] = _analyze_method(
-            cfg, label, d, ref, teacher, teacher_fp, bs, device, grids_dir, class_names
+            exp, label, d, ref, teacher, teacher_fp, bs, device, grids_dir, class_names
         )
         results["methods"][label] = entry
     if not results["methods"]:
@@ -299,18 +299,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     grid_images["real"] = ref.grid
     save_grid_png(grid_images["real"], grids_dir / "real.png")
 
-    md = _markdown(results, eq8, int(cfg.ipc))
+    md = _markdown(results, eq8, int(exp.ipc))
     if (out / "analysis.json").exists():
         log.info("analyze: replacing the earlier analysis in %s", out)
     atomic_write_json(out / "analysis.json", results)
     atomic_write_bytes(out / "analysis.md", md.encode())
     print(md)
-    _log_wandb(cfg, results, grid_images)
+    _log_wandb(exp, results, grid_images)
     return {"out_dir": str(out), "results": results}
 
 
 def real_features(
-    cfg: DictConfig,
+    exp: Experiment,
     teacher: torch.nn.Module,
     train: Any,
     idx: list[int],
@@ -330,7 +330,7 @@ def real_features(
         feats.append(features_of(teacher, x, batch_size, device))
         for (_, y), xi in zip(items, x):
             if int(y) in show and kept_y.count(int(y)) < per_class:
-                kept.append(_to_uint8(xi[None], cfg)[0])
+                kept.append(_to_uint8(xi[None], exp)[0])
                 kept_y.append(int(y))
     if not feats:
         raise ConfigError("stage.real_per_class selected no real images; set it to a positive number or null (all)")
@@ -338,14 +338,14 @@ def real_features(
     return torch.cat(feats), grid
 
 
-def _to_uint8(x: torch.Tensor, cfg: DictConfig) -> torch.Tensor:
+def _to_uint8(x: torch.Tensor, exp: Experiment) -> torch.Tensor:
     from lpld.data.transforms import denormalize
 
-    return torch.round(denormalize(x, cfg.dataset).clamp(0, 1) * 255).to(torch.uint8)
+    return torch.round(denormalize(x, exp.dataset).clamp(0, 1) * 255).to(torch.uint8)
 
 
-def _log_wandb(cfg: DictConfig, results: dict[str, Any], grids: dict[str, torch.Tensor]) -> None:
-    logger = build_logger(cfg, "analyze")
+def _log_wandb(exp: Experiment, results: dict[str, Any], grids: dict[str, torch.Tensor]) -> None:
+    logger = build_logger(exp, "analyze")
     try:
         if logger is None:
             return
@@ -357,7 +357,7 @@ def _log_wandb(cfg: DictConfig, results: dict[str, Any], grids: dict[str, torch.
         data.append(["real", rr["num_images"], rr["cosine_mean"], rr["cosine_std"], math.nan])
         if hasattr(logger, "log_table"):
             logger.log_table(key="analyze/diversity", columns=cols, data=data)
-        if bool(cfg.logger.get("log_images", True)):
+        if bool(exp.logger.get("log_images", True)):
             for label, g in grids.items():
                 log_images_uint8(logger, f"analyze/grid_{label}", g[None], caption=f"{label}: first classes x images")
     finally:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
-
 from lpld.artifacts import catalog
 from lpld.artifacts.base import dataset_name, root
+from lpld.config.frozen import Experiment
 from lpld.errors import ConfigError
 
 
@@ -23,11 +22,11 @@ def _values_line(values: dict[str, Any], kind: str) -> str:
     return ", ".join(f"{catalog.config_key(kind, k)}={v}" for k, v in sorted(flat.items()))
 
 
-def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    kind = cfg.stage.get("kind")
+def run(exp: Experiment) -> list[dict[str, Any]]:
+    kind = exp.stage.get("kind")
     if kind is not None and str(kind) not in catalog.KINDS:
         raise ConfigError(f"stage.kind={kind!r} is not an artifact kind; choose one of {', '.join(catalog.KINDS)}")
-    art, ds = root(cfg), dataset_name(cfg)
+    art, ds = root(exp), dataset_name(exp)
     refs = [r for r in catalog.listing(art, ds) if kind is None or r.kind == str(kind)]
     print(f"# artifacts of dataset {ds} under {art}: {len(refs)}")
     for r in refs:

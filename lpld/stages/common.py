@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from lpld.artifacts import teacher as teacher_artifact
+from lpld.config.frozen import Experiment, to_plain
 from lpld.lit.display import progress_enabled
 
 log = logging.getLogger("lpld")
@@ -33,8 +33,8 @@ class DatasetSpec:
     std: tuple[float, ...]
 
 
-def dataset_spec(cfg: DictConfig) -> DatasetSpec:
-    d = cfg.dataset
+def dataset_spec(exp: Experiment) -> DatasetSpec:
+    d = exp.dataset
     return DatasetSpec(
         name=str(d.name),
         num_classes=int(d.num_classes),
@@ -47,17 +47,15 @@ def dataset_spec(cfg: DictConfig) -> DatasetSpec:
 
 def to_container(node: Any) -> Any:
     """A resolved plain-python copy of a config node (for hparams, manifests, W&B)."""
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+    return to_plain(node)
 
 
-def build_teacher_model(cfg: DictConfig) -> torch.nn.Module:
+def build_teacher_model(exp: Experiment) -> torch.nn.Module:
     """The teacher architecture for this dataset (weights per model.pretrained/checkpoint)."""
     from lpld.models import build_model
 
-    spec = dataset_spec(cfg)
-    return build_model(cfg.model, num_classes=spec.num_classes, in_chans=spec.channels, img_size=spec.image_size)
+    spec = dataset_spec(exp)
+    return build_model(exp.model, num_classes=spec.num_classes, in_chans=spec.channels, img_size=spec.image_size)
 
 
 def _tag(fn: Any) -> str | None:
@@ -68,7 +66,7 @@ def _tag(fn: Any) -> str | None:
     return None if v is None or v == "" else str(v)
 
 
-def run_name(cfg: DictConfig, stage: str) -> str:
+def run_name(exp: Experiment, stage: str) -> str:
     """The W&B run name: ``<stage>-<method>-ipc<ipc>-<prune>-<quant tag>-s<seed>`` where they apply.
 
     student / relabel: all of them (student adds ``-hard`` for hard labels and the pruning metric when it is not
@@ -78,10 +76,10 @@ def run_name(cfg: DictConfig, stage: str) -> str:
     from lpld.artifacts import labels
 
     def g(key: str) -> Any:
-        return OmegaConf.select(cfg, key, default=None)
+        return exp.select(key)
 
-    teacher = _tag(lambda: teacher_artifact.teacher_name(cfg))
-    method, ipc, seed = _tag(lambda: g("recover.name")), _tag(lambda: int(cfg.ipc)), _tag(lambda: int(cfg.seed))
+    teacher = _tag(lambda: teacher_artifact.teacher_name(exp))
+    method, ipc, seed = _tag(lambda: g("recover.name")), _tag(lambda: int(exp.ipc)), _tag(lambda: int(exp.seed))
     if stage in ("squeeze", "stats"):
         parts = [stage, _tag(lambda: g("dataset.name")), teacher]
     elif stage == "report":
@@ -95,7 +93,7 @@ def run_name(cfg: DictConfig, stage: str) -> str:
             method,
             ipc and f"ipc{ipc}",
             _tag(lambda: g("prune.name")),
-            _tag(lambda: labels.quant_config(cfg).tag),
+            _tag(lambda: labels.quant_config(exp).tag),
         ]
         if stage == "student":
             metric = _tag(lambda: g("metric.name"))
@@ -107,63 +105,49 @@ def run_name(cfg: DictConfig, stage: str) -> str:
     return "-".join(p for p in parts if p)
 
 
-def run_group(cfg: DictConfig) -> str | None:
+def run_group(exp: Experiment) -> str | None:
     """The W&B group of this run: ``logger.group`` (a pipeline sets one per invocation for its steps:
     :func:`pipeline_group`), else the Hydra multirun's name (``<config name>-<sweep dir name>``), else None (a
     lone run is not grouped)."""
-    group = cfg.logger.get("group") if cfg.get("logger") is not None else None
+    group = exp.logger.get("group") if exp.get("logger") is not None else None
     if group:
         return str(group)
-    return sweep_group()
+    return exp.sweep_group  # the Hydra multirun's group, recorded when the experiment was frozen
 
 
-def sweep_group() -> str | None:
-    """``<config name>-<sweep dir name>`` inside a Hydra multirun job, else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):  # not launched through @hydra.main (compose API, tests)
-        return None
-    if hc.mode == RunMode.MULTIRUN:
-        return f"{hc.job.config_name}-{Path(str(hc.sweep.dir)).name}"
-    return None
-
-
-def pipeline_group(cfg: DictConfig, results_name: str) -> str:
+def pipeline_group(exp: Experiment, results_name: str) -> str:
     """The W&B group of one pipeline invocation's steps: the sweep's group inside a multirun (all its jobs form one
     group), else ``<results name>-<YYYYmmdd-HHMMSS>`` decided once, when the pipeline starts."""
     import time
 
-    return sweep_group() or f"{results_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return exp.sweep_group or f"{results_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def logged_config(cfg: DictConfig, store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+def logged_config(exp: Experiment, store_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """What W&B records as the run's config: :func:`lpld.config.experiment.experiment_config`, the same mapping
     ``stage=show`` prints and the results records carry (the student passes its store's manifest)."""
     from lpld.config.experiment import experiment_config
     from lpld.errors import ConfigError
 
     try:
-        return experiment_config(cfg, store_manifest)
+        return experiment_config(exp, store_manifest)
     except ConfigError as e:  # the stage itself refuses the config with the same message, naming the fix
         log.debug("resolved experiment unavailable for the logger (%s)", e)
         return {}
 
 
-def build_logger(cfg: DictConfig, stage: str, name: str | None = None, store_manifest: dict[str, Any] | None = None):
-    """Lightning logger from ``cfg.logger`` (wandb | csv | none); ``None`` for none.
+def build_logger(exp: Experiment, stage: str, name: str | None = None, store_manifest: dict[str, Any] | None = None):
+    """Lightning logger from ``exp.logger`` (wandb | csv | none); ``None`` for none.
 
     W&B: the runs of one pipeline or sweep share a ``group`` (:func:`run_group`), ``job_type`` is the stage,
     and the run's config is the resolved spec (:func:`logged_config`).
     """
-    kind = str(cfg.logger.name)
+    kind = str(exp.logger.name)
     if kind == "none":
         return None
-    save_dir = Path(str(cfg.logger.dir)).expanduser()
+    save_dir = Path(str(exp.logger.dir)).expanduser()
     save_dir.mkdir(parents=True, exist_ok=True)
-    name = name or run_name(cfg, stage)
+    name = name or run_name(exp, stage)
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
@@ -176,14 +160,14 @@ def build_logger(cfg: DictConfig, stage: str, name: str | None = None, store_man
         if not debug_console():
             os.environ.setdefault("WANDB_SILENT", "true")  # no `wandb:` lines unless the user asked (WANDB_SILENT)
         wl = WandbLogger(
-            project=str(cfg.logger.project),
-            entity=cfg.logger.get("entity"),
+            project=str(exp.logger.project),
+            entity=exp.logger.get("entity"),
             name=name,
-            group=run_group(cfg),
+            group=run_group(exp),
             job_type=stage,
             save_dir=str(save_dir),
-            mode=str(cfg.logger.mode),
-            config=logged_config(cfg, store_manifest),
+            mode=str(exp.logger.mode),
+            config=logged_config(exp, store_manifest),
         )
         init = getattr(wl, "_wandb_init", None)
         if isinstance(init, dict) and init.get("anonymous") is None:
@@ -233,7 +217,7 @@ def log_summary(logger: Any, values: dict[str, Any]) -> None:
             logger.log_metrics(num)
 
 
-def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = None, **overrides: Any):
+def build_trainer(exp: Experiment, logger: Any = None, callbacks: list | None = None, **overrides: Any):
     """A lightning.Trainer from the ``trainer`` preset (cpu, gpu, ddp, ddp_spawn, ddp_cpu).
 
     Precision: ``precision=`` passed by the stage (its own knob: ``recover.precision``, relabel's
@@ -247,8 +231,8 @@ def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = 
     from lpld.lit.display import progress_every, timed_progress
     from lpld.lit.perf import GpuPerf, PerfOptions, apply_backend_flags, resolve_precision
 
-    t = cfg.trainer
-    stage = cfg.stage.get("name") if cfg.get("stage") is not None else None
+    t = exp.trainer
+    stage = exp.stage.get("name") if exp.get("stage") is not None else None
     precision = resolve_precision(t, None if stage is None else str(stage), overrides.pop("precision", None))
     perf = PerfOptions.from_cfg(t.get("perf"))
     apply_backend_flags(perf, str(t.accelerator))
@@ -269,7 +253,7 @@ def build_trainer(cfg: DictConfig, logger: Any = None, callbacks: list | None = 
         callbacks=callbacks,
         enable_progress_bar=bool(bar),
         enable_model_summary=False,
-        default_root_dir=str(Path(str(cfg.paths.log_dir)).expanduser()),
+        default_root_dir=str(Path(str(exp.paths.log_dir)).expanduser()),
         deterministic=False,
         num_sanity_val_steps=0,
     )
@@ -286,5 +270,5 @@ def _rich_ok() -> bool:
         return False
 
 
-def num_workers(cfg: DictConfig) -> int:
-    return int(cfg.trainer.get("num_workers", 0))
+def num_workers(exp: Experiment) -> int:
+    return int(exp.trainer.get("num_workers", 0))

@@ -63,13 +63,10 @@ def _under(path: Path, root: Path | None) -> bool:
     return root is not None and (path == root or root in path.parents)
 
 
-def _select(cfg: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
+def _select(exp: Any, key: str) -> Any:
+    from lpld.config.frozen import select
 
-    try:
-        return OmegaConf.select(cfg, key, default=None)
-    except Exception:  # noqa: BLE001 - an unresolvable interpolation: not a root to compare with
-        return None
+    return select(exp, key)
 
 
 def _label_store_of(path: Path, root: Path) -> Path | None:
@@ -87,12 +84,12 @@ def _label_store_of(path: Path, root: Path) -> Path | None:
     return None
 
 
-def _config_paths(cfg: Any) -> list[tuple[str, Path]]:
+def _config_paths(exp: Any) -> list[tuple[str, Path]]:
     """(dotted key, resolved path) of every string value of the config that looks like a path."""
     from lpld.stages import config_strings  # the package imports this module: import at call time
 
     out = []
-    for key, value in config_strings(cfg):
+    for key, value in config_strings(exp):
         if "/" in value or value.startswith("~"):
             p = _resolved(value)
             if p is not None:
@@ -100,15 +97,15 @@ def _config_paths(cfg: Any) -> list[tuple[str, Path]]:
     return out
 
 
-def missing_user_file(e: FileNotFoundError, cfg: Any) -> BaseException | None:
+def missing_user_file(e: FileNotFoundError, exp: Any) -> BaseException | None:
     """A user error for a file missing below a user root (see the module doc), else None."""
     name = e.filename if e.filename is not None else None
-    if name is None or cfg is None:
+    if name is None or exp is None:
         return None
     path = _resolved(name)
     if path is None:
         return None
-    art = _resolved(_select(cfg, "paths.artifacts")) if _select(cfg, "paths.artifacts") else None
+    art = _resolved(_select(exp, "paths.artifacts")) if _select(exp, "paths.artifacts") else None
     if _under(path, art):
         store = _label_store_of(path, art)
         if store is not None:
@@ -119,20 +116,20 @@ def missing_user_file(e: FileNotFoundError, cfg: Any) -> BaseException | None:
             f"{path} is missing from the artifacts folder (deleted or moved while lpld used it); rerun the stage "
             "that writes it with stage.overwrite=true (or restore the file)"
         )
-    data = _select(cfg, "dataset.root")
+    data = _select(exp, "dataset.root")
     root = _resolved(data) if data else None
     if _under(path, root):
         return DatasetError(
             f"{path} is missing from dataset.root={data} (deleted or moved since the dataset was listed); restore "
             "it, or point dataset.root at a complete copy of the dataset"
         )
-    for key, p in _config_paths(cfg):
+    for key, p in _config_paths(exp):
         if _under(path, p):
             return ConfigError(f"{key}={p} names a missing file or folder ({path}); set {key} to an existing path")
     return None
 
 
-def translate(e: BaseException, cfg: Any = None) -> BaseException | None:
+def translate(e: BaseException, exp: Any = None) -> BaseException | None:
     """The user error standing for ``e`` (see the module doc), or None to keep ``e`` and its traceback."""
     if isinstance(e, user_error_types()):
         inner = unwrap_worker_message(str(e))
@@ -145,7 +142,7 @@ def translate(e: BaseException, cfg: Any = None) -> BaseException | None:
     if type(e).__name__ == "ReportError":
         return ConfigError(str(e))
     if isinstance(e, FileNotFoundError):
-        return missing_user_file(e, cfg)
+        return missing_user_file(e, exp)
     if isinstance(e, pickle.UnpicklingError) and WEIGHTS_ONLY_MARK in str(e):
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" (it pickles {found.group(1)})" if found else ""

@@ -13,9 +13,8 @@ import logging
 import time
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from lpld.artifacts import results as results_artifact
+from lpld.config.frozen import Experiment
 from lpld.errors import ConfigError
 from lpld.stages import run_stage
 from lpld.stages.common import pipeline_group
@@ -23,37 +22,37 @@ from lpld.stages.common import pipeline_group
 log = logging.getLogger("lpld")
 
 
-def _task_overrides() -> list[str]:
-    """The overrides this run was launched with, minus the ones that only concern the pipeline."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+def _task_overrides(exp: Experiment) -> list[str]:
+    """The overrides this run was launched with (recorded in the experiment), minus the ones that only concern the
+    pipeline."""
+    return [
+        o
+        for o in exp.overrides
+        if not (o.split("=")[0].lstrip("+~") in ("stage",) or o.lstrip("+~").startswith("stage."))
+    ]
 
-        task = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not launched through @hydra.main (e.g. the compose API in tests)
-        task = []
-    return [o for o in task if not (o.split("=")[0].lstrip("+~") in ("stage",) or o.lstrip("+~").startswith("stage."))]
 
+def compose_step(base_overrides: list[str], step: list[str]) -> Experiment:
+    """The frozen experiment of one step: the config composed from the run's overrides plus the step's (through the
+    active Hydra context, else one on the repo's config), validated and frozen (:mod:`lpld.config.experiment`)."""
+    from lpld.config.experiment import compose_experiment
 
-def compose_step(base_overrides: list[str], step: list[str]) -> DictConfig:
-    """Compose the full config for one step (through the active Hydra context, else one on the repo's config)."""
-    from lpld.config.compose import compose
-
-    return compose(base_overrides + step)
+    return compose_experiment(base_overrides + step)
 
 
 class Pipeline:
     """Runs the steps in order, timing each, and collects the student results."""
 
-    def __init__(self, cfg: DictConfig, base: list[str] | None = None):
-        self.cfg = cfg
-        st = cfg.stage
-        self.base = list(base if base is not None else _task_overrides())
+    def __init__(self, exp: Experiment, base: list[str] | None = None):
+        self.exp = exp
+        st = exp.stage
+        self.base = list(base if base is not None else _task_overrides(exp))
         self.steps = {k: list(v) for k, v in (st.get("steps") or {}).items()}
-        self.results_name = results_artifact.pipeline_name(cfg)
+        self.results_name = results_artifact.pipeline_name(exp)
         self.timings: list[tuple[str, float]] = []
-        if cfg.get("logger") is not None and "group" in cfg.logger and not cfg.logger.group:
-            self.base.append(f"logger.group={pipeline_group(cfg, self.results_name)}")  # W&B: one per invocation
-        self.methods, self.baselines, self.prunes, self.baseline_prunes = self._grid_axes(cfg)
+        if exp.get("logger") is not None and "group" in exp.logger and not exp.logger.group:
+            self.base.append(f"logger.group={pipeline_group(exp, self.results_name)}")  # W&B: one per invocation
+        self.methods, self.baselines, self.prunes, self.baseline_prunes = self._grid_axes(exp)
         for name, over in self.steps.items():
             bad = [o for o in over if o.lstrip("+~").startswith("relabel.")]
             if bad:  # the student finds the store from the same knobs: they must reach every step
@@ -70,12 +69,12 @@ class Pipeline:
         self.timings.append((label, time.perf_counter() - t0))
         return out
 
-    def _grid_axes(self, cfg: DictConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    def _grid_axes(self, exp: Experiment) -> tuple[list[str], list[str], list[str], list[str]]:
         """(methods, baselines, prunes, baseline prunes) of the grid: ``stage.*``, unless the command line chose the
         group itself. ``python run.py prune=10x`` (or a multirun ``-m prune=1x,10x,40x``) means that ratio: the grid
         runs every method at it alone; ``recover=sre2l`` means that method alone (no baselines). Without this the
         step's own choice would silently win over the command line's (issue 19)."""
-        st = cfg.stage
+        st = exp.stage
         chosen: dict[str, str] = {}
         for o in self.base:
             key, _, value = o.partition("=")
@@ -96,12 +95,12 @@ class Pipeline:
             grid += [(m, p, []) for p in self.prunes]
         for m in self.baselines:
             grid += [(m, p, []) for p in self.baseline_prunes]
-        if self.cfg.stage.hard_labels and self.methods:
+        if self.exp.stage.hard_labels and self.methods:
             grid.append((self.methods[0], self.prunes[0], ["student=hard"]))
         return grid
 
     def quant(self) -> list[str]:
-        q = self.cfg.stage.get("quant")
+        q = self.exp.stage.get("quant")
         return [f"quant={q}"] if q else []
 
     def plan(self) -> list[tuple[str, list[str], str]]:
@@ -115,7 +114,7 @@ class Pipeline:
         ]
         steps += [("recover", [f"recover={m}"], f"recover: {m}") for m in dict.fromkeys(g[0] for g in grid)]
         res = [f"stage.results_name={self.results_name}"]
-        metric = self.cfg.get("metric") or {}
+        metric = self.exp.get("metric") or {}
         for m, p, extra in grid:
             src = str(metric.get("source_prune", "1x")) if metric.get("name", "random") != "random" else p
             # the student derives the store from the same config (lpld.artifacts.labels), no path is handed over
@@ -138,7 +137,7 @@ class Pipeline:
         """The latest record of each grid cell, from this pipeline's results file."""
         from lpld.report.records import load_records
 
-        f = results_artifact.path(self.cfg, self.results_name)
+        f = results_artifact.path(self.exp, self.results_name)
         recs = load_records(f) if f.exists() else []
         rows = []
         for m, p, extra in grid:
@@ -148,8 +147,8 @@ class Pipeline:
                 for r in recs
                 if r.get("method") == m
                 and _name(r.get("prune")) == p
-                and int(r.get("ipc", -1)) == int(self.cfg.ipc)
-                and int(r.get("seed", -1)) == int(self.cfg.seed)
+                and int(r.get("ipc", -1)) == int(self.exp.ipc)
+                and int(r.get("seed", -1)) == int(self.exp.seed)
                 and _is_hard(r) == hard
             ]
             if match:
@@ -184,17 +183,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(exp: Experiment) -> dict[str, Any]:
     t0 = time.perf_counter()
-    pipe = Pipeline(cfg)
+    pipe = Pipeline(exp)
     rows = pipe.run()
     table = format_table(rows)
-    out_dir = results_artifact.dir(cfg) / "reports" / pipe.results_name
+    out_dir = results_artifact.dir(exp) / "reports" / pipe.results_name
     out_dir.mkdir(parents=True, exist_ok=True)
     from lpld.core.io import atomic_write_bytes
 
     atomic_write_bytes(out_dir / "pipeline.md", (table + "\n").encode())
-    if cfg.stage.report and rows:
+    if exp.stage.report and rows:
         pipe.step(
             "report",
             [
@@ -206,6 +205,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     timing = "\n".join(f"  {label:40s} {sec:7.1f} s" for label, sec in pipe.timings)
     print(f"\nStep times:\n{timing}\n  {'total':40s} {time.perf_counter() - t0:7.1f} s")
-    print(f"\nResults ({cfg.dataset.name}, {cfg.model.name}, ipc {cfg.ipc}):\n{table}\n")
+    print(f"\nResults ({exp.dataset.name}, {exp.model.name}, ipc {exp.ipc}):\n{table}\n")
     print(f"Table and Pareto plot in {out_dir}")
-    return {"rows": rows, "out_dir": str(out_dir), "config": OmegaConf.to_container(cfg.stage)}
+    return {"rows": rows, "out_dir": str(out_dir), "config": exp.stage.to_dict()}

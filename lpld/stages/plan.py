@@ -26,9 +26,9 @@ import logging
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
+from lpld.config.frozen import Experiment
 from lpld.core.label_store import array_layout, row_offsets
 from lpld.core.storage_accounting import GIB, predict_store
 
@@ -79,18 +79,18 @@ def _model(cfg_model: dict[str, Any], num_classes: int, in_chans: int, img_size:
 
 
 def _relabel_plan(
-    cfg: DictConfig, ds: Any, spec: Any, img_u8: int, act_b: int, runtime: float
+    exp: Experiment, ds: Any, spec: Any, img_u8: int, act_b: int, runtime: float
 ) -> tuple[dict[str, Any], float]:
     """Relabel's memory per rank (the uint8 images, the fp32 teacher and one forward's rows), and its host bytes."""
     from lpld.lit.relabel_datamodule import auto_batches_per_forward
     from lpld.stages.common import to_container
 
-    teacher = _model(to_container(cfg.model), ds.num_classes, ds.channels, ds.image_size)
+    teacher = _model(to_container(exp.model), ds.num_classes, ds.channels, ds.image_size)
     t_params = _params(teacher)
     _, t_inf = activation_bytes_per_sample(teacher, ds.channels, ds.image_size)
     # relabel's stage.batches_per_forward defaults to auto (null); this stage's node has the key only if the
     # schema gives it one
-    bpf = cfg.stage.get("batches_per_forward") or auto_batches_per_forward(spec.batch_size)
+    bpf = exp.stage.get("batches_per_forward") or auto_batches_per_forward(spec.batch_size)
     rows = int(bpf) * spec.batch_size
     # relabel on the GPU: uint8 images, fp32 teacher, one forward's float input (4 B) + activations + logits
     relabel_gpu = (
@@ -112,17 +112,17 @@ def _relabel_plan(
 
 
 def _student_plan(
-    cfg: DictConfig, ds: Any, spec: Any, img_u8: int, act_b: int, runtime: float, w: int
+    exp: Experiment, ds: Any, spec: Any, img_u8: int, act_b: int, runtime: float, w: int
 ) -> tuple[dict[str, Any], float]:
     """The student's memory per rank (images, weights + gradients + optimizer state, the replayed batch), and its
     host bytes."""
     from lpld.config import student_settings
     from lpld.config.student_run import student_model_cfg
 
-    student = _model(student_model_cfg(cfg), ds.num_classes, ds.channels, ds.image_size)
+    student = _model(student_model_cfg(exp), ds.num_classes, ds.channels, ds.image_size)
     s_params = _params(student)
     s_train, _ = activation_bytes_per_sample(student, ds.channels, ds.image_size)
-    opt = student_settings(cfg, {"epochs": spec.epochs, "granularity": spec.granularity})["optimizer"].lower()
+    opt = student_settings(exp, {"epochs": spec.epochs, "granularity": spec.granularity})["optimizer"].lower()
     b = spec.batch_size
     per_rank_rows = -(-b // w)
     # student: every rank replays the whole stored batch (CutMix pairs rows), trains on b / W rows of it
@@ -145,27 +145,27 @@ def _student_plan(
     return entry, student_host
 
 
-def plan(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
-    """The predictions for ``cfg`` at world size ``world`` (None: the trainer preset's); see the module doc."""
+def plan(exp: Experiment, world: int | None = None) -> dict[str, Any]:
+    """The predictions for ``exp`` at world size ``world`` (None: the trainer preset's); see the module doc."""
     from lpld.artifacts import labels as labels_artifact
     from lpld.dist import planned_world_size
     from lpld.stages.common import dataset_spec
 
-    st = cfg.stage
-    w = int(world or st.get("world_size") or planned_world_size(cfg))
-    ds = dataset_spec(cfg)
-    spec = labels_artifact.store_spec(cfg)
+    st = exp.stage
+    w = int(world or st.get("world_size") or planned_world_size(exp))
+    ds = dataset_spec(exp)
+    spec = labels_artifact.store_spec(exp)
     n = spec.num_images
     img_u8 = n * ds.channels * ds.image_size * ds.image_size
     acc = predict_store(spec)
     ids = spec.batch_ids()
     layout = array_layout(spec, len(ids), int(row_offsets(spec, ids)[-1]))
     files = len(layout) + 1  # one .npy per array + manifest.json (+ progress.<rank>.npy while generating)
-    prec = str(cfg.trainer.get("precision", "32-true"))
+    prec = str(exp.trainer.get("precision", "32-true"))
     act_b = _ACT_BYTES.get(prec, 4)
     runtime = float(st.get("runtime_gib", 3.0)) * GIB
-    relabel, relabel_host = _relabel_plan(cfg, ds, spec, img_u8, act_b, runtime)
-    student, student_host = _student_plan(cfg, ds, spec, img_u8, act_b, runtime, w)
+    relabel, relabel_host = _relabel_plan(exp, ds, spec, img_u8, act_b, runtime)
+    student, student_host = _student_plan(exp, ds, spec, img_u8, act_b, runtime, w)
     tasks = int(st.get("tasks_per_node") or min(w, 8))
     return {
         "world_size": w,
@@ -190,11 +190,11 @@ def _gib(x: float) -> str:
     return f"{x / GIB:10.2f} GiB"
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    p = plan(cfg)
+def run(exp: Experiment) -> dict[str, Any]:
+    p = plan(exp)
     ls, rl, sd = p["label_store"], p["relabel"], p["student"]
     lines = [
-        f"plan: {cfg.dataset.name} ipc {cfg.ipc} prune={cfg.prune.name} quant={cfg.quant.get('name', 'none')} "
+        f"plan: {exp.dataset.name} ipc {exp.ipc} prune={exp.prune.name} quant={exp.quant.get('name', 'none')} "
         f"world size {p['world_size']} ({p['precision']})",
         f"  distilled images (uint8)         {_gib(p['image_uint8_bytes'])}  ({p['num_images']:,d} images)",
         f"  label store                      {_gib(ls['bytes'])}  in {ls['files']} files "

@@ -41,9 +41,9 @@ def host_memory_available() -> int | None:
         return None
 
 
-def device_memory(cfg: Any) -> tuple[str, int | None]:
+def device_memory(exp: Any) -> tuple[str, int | None]:
     """("GPU", total bytes of one visible GPU) for a GPU trainer with CUDA, else ("host", available bytes)."""
-    acc = str(node_get(node_get(cfg, "trainer"), "accelerator") or "cpu").lower()
+    acc = str(node_get(node_get(exp, "trainer"), "accelerator") or "cpu").lower()
     if acc in ("gpu", "cuda", "auto"):
         import torch
 
@@ -52,11 +52,11 @@ def device_memory(cfg: Any) -> tuple[str, int | None]:
     return "host", host_memory_available()
 
 
-def check_fits(cfg: Any, need: int, what: str, fix: str, source: str = "stage=plan predicts the same") -> None:
+def check_fits(exp: Any, need: int, what: str, fix: str, source: str = "stage=plan predicts the same") -> None:
     """Refuse ``need`` bytes (a lower bound of what the stage allocates at once) that exceed the device's memory.
 
     Args:
-        cfg: the composed config (its trainer decides host or GPU).
+        exp: the composed config (its trainer decides host or GPU).
         need: bytes the stage must hold at once.
         what: what those bytes are, for the message.
         fix: the knobs that lower them.
@@ -65,49 +65,49 @@ def check_fits(cfg: Any, need: int, what: str, fix: str, source: str = "stage=pl
     Raises:
         ConfigError: with the prediction, the memory available and the fix.
     """
-    where, have = device_memory(cfg)
+    where, have = device_memory(exp)
     if have is None or need <= have:
         return
-    stage = node_get(node_get(cfg, "stage"), "name")
+    stage = node_get(node_get(exp, "stage"), "name")
     raise ConfigError(
-        f"ipc={node_get(cfg, 'ipc')} does not fit in memory: stage={stage} must hold {what}, "
+        f"ipc={node_get(exp, 'ipc')} does not fit in memory: stage={stage} must hold {what}, "
         f"{need / GIB:,.1f} GiB at once ({source}), but this machine has {have / GIB:,.1f} GiB "
         f"of {where} memory available; {fix}"
     )
 
 
-def distilled_images_bytes(cfg: Any) -> int | None:
+def distilled_images_bytes(exp: Any) -> int | None:
     """uint8 bytes of every distilled image (ipc x classes x channels x size^2), None when the config lacks one."""
-    ds = node_get(cfg, "dataset")
+    ds = node_get(exp, "dataset")
     try:
-        ipc, classes = int(node_get(cfg, "ipc")), int(node_get(ds, "num_classes"))
+        ipc, classes = int(node_get(exp, "ipc")), int(node_get(ds, "num_classes"))
         channels, size = int(node_get(ds, "channels")), int(node_get(ds, "image_size"))
     except (TypeError, ValueError):
         return None
     return ipc * classes * channels * size * size
 
 
-def check_images_fit(cfg: Any) -> None:
+def check_images_fit(exp: Any) -> None:
     """relabel / student hold every distilled image (uint8) in memory: refuse an ``ipc`` they cannot hold."""
-    stage = str(node_get(node_get(cfg, "stage"), "name"))
+    stage = str(node_get(node_get(exp, "stage"), "name"))
     if stage not in IMAGE_HOLDING_STAGES:
         return
-    need = distilled_images_bytes(cfg)
+    need = distilled_images_bytes(exp)
     if need is None:
         return
     check_fits(
-        cfg,
+        exp,
         need,
-        f"every distilled image as uint8 (ipc x {node_get(node_get(cfg, 'dataset'), 'num_classes')} classes)",
+        f"every distilled image as uint8 (ipc x {node_get(node_get(exp, 'dataset'), 'num_classes')} classes)",
         "lower ipc, or run on a machine with more memory",
     )
 
 
-def preflight(cfg: Any) -> None:
+def preflight(exp: Any) -> None:
     """The value and memory checks of this module, in order; raises ConfigError naming the key and the fix."""
-    check_values(cfg)
-    if not cfg.get("show", False):  # `show=true` runs nothing here: this machine's memory does not matter
-        check_images_fit(cfg)
+    check_values(exp)
+    if not exp.get("show", False):  # `show=true` runs nothing here: this machine's memory does not matter
+        check_images_fit(exp)
 
 
 __all__ = ["ConfigError", "check_fits", "check_images_fit", "device_memory", "preflight"]

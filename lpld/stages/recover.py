@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from lpld.artifacts import images as images_artifact
 from lpld.artifacts import stats as stats_artifact
 from lpld.config import recover_settings
+from lpld.config.frozen import Experiment
 from lpld.core.images import read_manifest
 from lpld.core.io import (
     ArtifactError,
@@ -46,11 +46,11 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
     return default if v is None else v
 
 
-def class_range(cfg: DictConfig, settings: dict[str, Any]) -> list[int]:
+def class_range(exp: Experiment, settings: dict[str, Any]) -> list[int]:
     """The classes this run synthesises (recover.class_start .. class_end - 1)."""
-    n = int(cfg.dataset.num_classes)
-    start = int(_get(cfg.recover, "class_start", 0))
-    end_v = _get(cfg.recover, "class_end")
+    n = int(exp.dataset.num_classes)
+    start = int(_get(exp.recover, "class_start", 0))
+    end_v = _get(exp.recover, "class_end")
     end = n if end_v is None else int(end_v)
     if not 0 <= start < end <= n:
         raise ConfigError(
@@ -107,43 +107,43 @@ def _check_stats(stats: dict[str, Any], teacher: torch.nn.Module, num_classes: i
         )
 
 
-def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> RecoverJob:
+def build_job(exp: Experiment, teacher: torch.nn.Module, teacher_fp: str) -> RecoverJob:
     """Resolve and validate everything (raises before anything is written)."""
     from lpld.stages.common import dataset_spec
 
-    settings = recover_settings(cfg)
+    settings = recover_settings(exp)
     meth = get_recover_method(settings["name"])
-    spec = dataset_spec(cfg)
-    classes = class_range(cfg, settings)
-    rc = cfg.recover
+    spec = dataset_spec(exp)
+    classes = class_range(exp, settings)
+    rc = exp.recover
     allow_other = bool(_get(rc, "allow_other_teacher", False))
     stats_fp, stats_path = None, None
     if meth.classwise:
         from lpld.core.bnstats import load_classwise_stats
 
-        p = Path(str(_get(rc, "stats_path"))) if _get(rc, "stats_path") else stats_artifact.path(cfg)
+        p = Path(str(_get(rc, "stats_path"))) if _get(rc, "stats_path") else stats_artifact.path(exp)
         if not p.exists():
             raise ArtifactError(
                 f"recover={settings['name']} needs class-wise BN statistics at {p}; run "
-                f"`python run.py stage=stats dataset={cfg.dataset.name} model={cfg.model.name}` first "
+                f"`python run.py stage=stats dataset={exp.dataset.name} model={exp.model.name}` first "
                 "(or recover.stats_path=/path/to/stats.pt)"
             )
         stats = load_classwise_stats(p, teacher_fp, allow_other_teacher=allow_other)
         _check_stats(stats, teacher, spec.num_classes, classes, p)
         stats_fp = fingerprint_tensors([*stats["mean"], *stats["var"]])
         stats_path = str(p)
-    names = _class_names(cfg, spec.num_classes)
+    names = _class_names(exp, spec.num_classes)
     cpb = _get(rc, "classes_per_batch", None)
     if cpb is None:
         # auto: fill device batches up to max_batch_images. Small batches are overhead-bound
         # (measured on CPU: 10-image batches of a 28 px ConvNet ran ~10x slower per image).
-        cpb = max(1, int(_get(rc, "max_batch_images", 256)) // max(1, int(cfg.ipc)))
+        cpb = max(1, int(_get(rc, "max_batch_images", 256)) // max(1, int(exp.ipc)))
         # ...but give every rank at least one device batch (Lightning refuses an empty rank); the split
         # does not change any image (each class's objective is independent of its batch mates)
-        cpb = min(int(cpb), max(1, -(-len(classes) // _planned_world(cfg))))
+        cpb = min(int(cpb), max(1, -(-len(classes) // _planned_world(exp))))
     cpb = int(cpb)
-    batches = plan_batches(settings, classes, int(cfg.ipc), cpb)
-    world = _planned_world(cfg)
+    batches = plan_batches(settings, classes, int(exp.ipc), cpb)
+    world = _planned_world(exp)
     if len(batches) < world:
         raise ConfigError(
             f"recover has {len(batches)} device batches for {world} ranks (Lightning needs one per rank); lower "
@@ -151,8 +151,8 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
         )
     ident = {
         "settings": settings,
-        "ipc": int(cfg.ipc),
-        "seed": int(cfg.seed),
+        "ipc": int(exp.ipc),
+        "seed": int(exp.seed),
         "dataset": {
             "name": spec.name,
             "num_classes": spec.num_classes,
@@ -167,9 +167,9 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
     return RecoverJob(
         method=settings["name"],
         kind=meth.kind,
-        out_dir=str(images_artifact.path(cfg)),
-        ipc=int(cfg.ipc),
-        seed=int(cfg.seed),
+        out_dir=str(images_artifact.path(exp)),
+        ipc=int(exp.ipc),
+        seed=int(exp.seed),
         num_classes=spec.num_classes,
         channels=spec.channels,
         image_size=spec.image_size,
@@ -182,21 +182,21 @@ def build_job(cfg: DictConfig, teacher: torch.nn.Module, teacher_fp: str) -> Rec
         stats_fingerprint=stats_fp,
         stats_path=stats_path,
         config_fingerprint=identity(ident),
-        progress_every=int(_get(cfg.stage, "progress_every", 25)),
-        log_images=bool(_get(cfg.stage, "log_images", True)) and bool(_get(cfg.logger, "log_images", True)),
+        progress_every=int(_get(exp.stage, "progress_every", 25)),
+        log_images=bool(_get(exp.stage, "log_images", True)) and bool(_get(exp.logger, "log_images", True)),
         extra={"dataset": spec.name, "classes_per_batch": cpb},
     )
 
 
-def _class_names(cfg: DictConfig, n: int) -> list[str]:
+def _class_names(exp: Experiment, n: int) -> list[str]:
     """Class names from the dataset (the images' folder names); falls back to indices."""
-    names = _get(cfg.dataset, "class_names")
+    names = _get(exp.dataset, "class_names")
     if names is not None and len(names) == n:
         return [str(x) for x in names]
     try:
         from lpld.data import build_dataset
 
-        ds = build_dataset(cfg.dataset, "train")
+        ds = build_dataset(exp.dataset, "train")
         if len(ds.classes) == n:
             return [str(x) for x in ds.classes]
     except Exception as e:  # noqa: BLE001 - names are cosmetic; a missing dataset fails later where it matters
@@ -204,23 +204,23 @@ def _class_names(cfg: DictConfig, n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Synthesise (or resume) the distilled images at ``lpld.artifacts.images.path(cfg)``."""
+def run(exp: Experiment) -> dict[str, Any]:
+    """Synthesise (or resume) the distilled images at ``lpld.artifacts.images.path(exp)``."""
     from lpld.artifacts import teacher as teacher_artifact
     from lpld.lit.recover_module import RecoverModule
     from lpld.stages.common import build_logger, build_trainer, finish_logger, to_container
 
-    teacher, teacher_fp = teacher_artifact.load(cfg)
-    job = build_job(cfg, teacher, teacher_fp)
-    check_feasible(cfg, job)  # before the output folder exists: a refused config leaves nothing behind
+    teacher, teacher_fp = teacher_artifact.load(exp)
+    job = build_job(exp, teacher, teacher_fp)
+    check_feasible(exp, job)  # before the output folder exists: a refused config leaves nothing behind
     from lpld import dist
 
     # rank 0 decides fresh / resume / done and creates the folder; every rank takes its decision (a child
     # re-launched by Lightning starts inside rank 0's Trainer, after rank 0 prepared: it resumes)
     state = dist.decide(
-        lambda: images_artifact.prepare(job, bool(_get(cfg.recover, "overwrite", False))),
+        lambda: images_artifact.prepare(job, bool(_get(exp.recover, "overwrite", False))),
         follow="resume",
-        accelerator=dist.accelerator_of(cfg),
+        accelerator=dist.accelerator_of(exp),
     )
     if state == "done":
         log.info("distilled images at %s are complete for this config; nothing to do", job.out_dir)
@@ -233,11 +233,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         job.out_dir,
         state,
     )
-    module = RecoverModule(teacher, asdict(job), to_container(cfg.dataset), int(cfg.trainer.get("num_workers", 0) or 0))
-    logger = build_logger(cfg, "recover")
+    module = RecoverModule(teacher, asdict(job), to_container(exp.dataset), int(exp.trainer.get("num_workers", 0) or 0))
+    logger = build_logger(exp, "recover")
     try:
         trainer = build_trainer(
-            cfg,
+            exp,
             logger=logger,
             enable_progress_bar=False,
             use_distributed_sampler=False,
@@ -251,7 +251,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"out_dir": job.out_dir, "state": state, **_summary(man)}
 
 
-def check_real_images(cfg: DictConfig, job: RecoverJob) -> None:
+def check_real_images(exp: Experiment, job: RecoverJob) -> None:
     """recover=random_real copies ``ipc`` distinct real images of every class: refuse an ipc above the smallest
     class of the train set, naming that class and the largest ipc that works.
 
@@ -263,7 +263,7 @@ def check_real_images(cfg: DictConfig, job: RecoverJob) -> None:
     from lpld.data import build_dataset
     from lpld.stages.common import to_container
 
-    ds = dict(to_container(cfg.dataset))
+    ds = dict(to_container(exp.dataset))
     if ds.get("in_memory"):
         ds["in_memory"] = False  # only the labels are counted: list the files, decode nothing
     counts = Counter(build_dataset(ds, "train").targets)
@@ -284,7 +284,7 @@ def device_batch_rows(job: RecoverJob) -> int:
     return max((sum(len(unit) for unit in batch) for batch in job.batches), default=0) * job.ipc
 
 
-def device_batch_bytes(cfg: DictConfig, job: RecoverJob) -> int:
+def device_batch_bytes(exp: Experiment, job: RecoverJob) -> int:
     """fp32 bytes of the largest device batch an optimising method holds at once: the images, their gradient,
     Adam's two moments, and the teacher's activations kept for the backward pass to the images (measured as
     ``stage=plan`` does, one forward on the ``meta`` device)."""
@@ -293,7 +293,7 @@ def device_batch_bytes(cfg: DictConfig, job: RecoverJob) -> int:
 
     rows, chw = device_batch_rows(job), job.channels * job.image_size**2
     try:
-        meta = _model(to_container(cfg.model), job.num_classes, job.channels, job.image_size)
+        meta = _model(to_container(exp.model), job.num_classes, job.channels, job.image_size)
         act, _ = activation_bytes_per_sample(meta, job.channels, job.image_size)
     except Exception as e:  # noqa: BLE001 - an architecture the meta device cannot run: the images alone
         log.debug("recover memory check without activations (%s)", e)
@@ -301,17 +301,17 @@ def device_batch_bytes(cfg: DictConfig, job: RecoverJob) -> int:
     return rows * (chw * 4 * 4 + act * 4)
 
 
-def check_feasible(cfg: DictConfig, job: RecoverJob) -> None:
+def check_feasible(exp: Experiment, job: RecoverJob) -> None:
     """Refuse what cannot finish, before anything is written: too few real images for random_real, device batches
     larger than the memory (``lpld.stages.preflight.check_fits``)."""
     from lpld.stages.preflight import check_fits
 
     if job.kind == "random_real":
-        check_real_images(cfg, job)
+        check_real_images(exp, job)
     elif job.kind == "optimize":
         check_fits(
-            cfg,
-            device_batch_bytes(cfg, job),
+            exp,
+            device_batch_bytes(exp, job),
             f"a device batch of {device_batch_rows(job):,d} images being optimised (fp32 images, gradients, Adam "
             "moments and the teacher's activations)",
             "lower ipc (a class's ipc images are optimised together) or recover.classes_per_batch, or run on a "
@@ -320,10 +320,10 @@ def check_feasible(cfg: DictConfig, job: RecoverJob) -> None:
         )
 
 
-def _planned_world(cfg: DictConfig) -> int:
+def _planned_world(exp: Experiment) -> int:
     from lpld.dist import planned_world_size
 
-    return planned_world_size(cfg) if cfg.get("trainer") is not None else 1
+    return planned_world_size(exp) if exp.get("trainer") is not None else 1
 
 
 def _summary(man: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """Stage ``relabel``: generate the (pruned, quantized) soft-label store for the distilled images.
 
 ``python run.py stage=relabel prune=40x quant=mr quant.k=100 relabel.record_mode=seed`` writes
-``lpld.artifacts.labels.path(cfg)`` (see ``lpld.core.label_store`` for the format).
+``lpld.artifacts.labels.path(exp)`` (see ``lpld.core.label_store`` for the format).
 Only the kept batches are computed (pruning at generation), sharded across ranks with the
 trainer preset (``trainer=ddp_cpu`` / ``ddp_spawn``); an interrupted run resumes.
 
-The student stage finds the store with the same ``lpld.artifacts.labels.path(cfg)`` (one spec, built from
+The student stage finds the store with the same ``lpld.artifacts.labels.path(exp)`` (one spec, built from
 the same resolved knobs) and opens it with ``lpld.artifacts.labels.open(path)``.
 """
 
@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from lpld.artifacts import images as images_artifact
 from lpld.artifacts import labels
 from lpld.artifacts import teacher as teacher_artifact
 from lpld.config import relabel_settings
+from lpld.config.frozen import Experiment
 from lpld.core.io import ArtifactError, fingerprint_obj
 from lpld.core.label_store import disk_bytes, finalize
 from lpld.stages import ConfigError
@@ -30,19 +29,17 @@ log = logging.getLogger("lpld")
 # the label store's identity and path live in lpld.artifacts.labels; these names stay for old callers
 
 
-def load_relabel_teacher(cfg: DictConfig) -> tuple[Any, str, dict[str, Any]]:
+def load_relabel_teacher(exp: Experiment) -> tuple[Any, str, dict[str, Any]]:
     """The teacher (or EnsembleTeacher of the relabel knobs' ``teachers``), its fingerprint and manifest metadata."""
     from lpld.core.relabel import EnsembleTeacher
 
-    st = relabel_settings(cfg)
+    st = relabel_settings(exp)
     if not st["teachers"]:
-        model, fp = teacher_artifact.load(cfg)
-        return model, fp, {"teacher": teacher_artifact.teacher_name(cfg)}
+        model, fp = teacher_artifact.load(exp)
+        return model, fp, {"teacher": teacher_artifact.teacher_name(exp)}
     models, fps, names = [], [], []
     for entry in st["teachers"]:
-        sub = cfg.copy()
-        OmegaConf.set_struct(sub, False)
-        sub.model = OmegaConf.merge(cfg.model, entry)
+        sub = exp.replace(model=_merged(exp.model.to_dict(), entry))  # the ensemble member as the teacher
         m, fp = teacher_artifact.load(sub)
         models.append(m)
         fps.append(fp)
@@ -54,7 +51,15 @@ def load_relabel_teacher(cfg: DictConfig) -> tuple[Any, str, dict[str, Any]]:
     return ens, fp, meta
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` at any depth (a teacher entry of ``relabel.teachers`` over ``model``)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run(exp: Experiment) -> dict[str, Any]:
     """Generate (or resume) the label store of this config; every rank returns the same summary.
 
     Rank 0 alone prepares the store (create / check / resume decision), the decision is broadcast
@@ -68,22 +73,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from lpld.lit.relabel_module import RelabelModule
     from lpld.stages.common import build_trainer, dataset_spec, num_workers
 
-    st = cfg.stage  # how this stage runs; what the store holds is relabel_settings(cfg) (the `relabel` group)
-    teacher, teacher_fp, tmeta = load_relabel_teacher(cfg)
-    images_dir = images_artifact.path(cfg)
+    st = exp.stage  # how this stage runs; what the store holds is relabel_settings(exp) (the `relabel` group)
+    teacher, teacher_fp, tmeta = load_relabel_teacher(exp)
+    images_dir = images_artifact.path(exp)
     images, _labels, img_man = images_artifact.open(
-        cfg,
+        exp,
         teacher_fingerprint=None if "ensemble" in tmeta else teacher_fp,  # images come from model=
         allow_other_teacher=bool(st.allow_other_teacher),
     )
-    ds = dataset_spec(cfg)
+    ds = dataset_spec(exp)
     if tuple(images.shape[1:]) != (ds.channels, ds.image_size, ds.image_size):
         raise ArtifactError(
             f"distilled images at {images_dir} are {tuple(images.shape[1:])}, dataset={ds.name} expects "
             f"{(ds.channels, ds.image_size, ds.image_size)}; rerun stage=recover for this dataset"
         )
-    spec = labels.store_spec(cfg, num_images=images.shape[0])
-    path = labels.path(cfg)
+    spec = labels.store_spec(exp, num_images=images.shape[0])
+    path = labels.path(exp)
     png_bytes = sum(p.stat().st_size for p in images_dir.rglob("*.png"))
     meta = {
         "images_fingerprint": img_man.get("images_fingerprint"),
@@ -95,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bpf = st.get("batches_per_forward")
     if bpf is not None and int(bpf) < 1:
         raise ConfigError(f"stage.batches_per_forward must be >= 1 or null (auto), got {bpf}")
-    acc = dist.accelerator_of(cfg)
+    acc = dist.accelerator_of(exp)
     # a child re-launched by Lightning starts inside rank 0's Trainer: rank 0 prepared the store already
     state = dist.decide(
         lambda: labels.prepare(path, spec, meta, overwrite=bool(st.overwrite)), follow="resume", accelerator=acc
@@ -106,13 +111,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("relabel (%s): %s", state, path)
         nw = st.get("num_workers")
         dm = RelabelDataModule(
-            path, None if bpf is None else int(bpf), num_workers=num_workers(cfg) if nw is None else int(nw)
+            path, None if bpf is None else int(bpf), num_workers=num_workers(exp) if nw is None else int(nw)
         )
         module = RelabelModule(teacher, path, images, ds.mean, ds.std, chunk=int(st.chunk))
         del images  # the module holds the only copy (moved to the device by the Trainer)
-        precision = relabel_settings(cfg)["precision"]  # the teacher forward's (part of what the store holds)
+        precision = relabel_settings(exp)["precision"]  # the teacher forward's (part of what the store holds)
         trainer = build_trainer(
-            cfg, logger=None, use_distributed_sampler=False, inference_mode=True, precision=precision
+            exp, logger=None, use_distributed_sampler=False, inference_mode=True, precision=precision
         )
         trainer.predict(module, datamodule=dm, return_predictions=False)
         # per-rank launchers: every rank returns here; wait for all commits before rank 0 hashes
@@ -129,11 +134,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(format_table(rows, f"label store {path} ({len(store)} batches)"))
         print(f"bytes on disk (incl. manifest): {on_disk:,d}; disk / accounting = {on_disk / acc_tbl['total']:.4f}")
         if state != "complete":  # a rerun that found the store complete did no work: no W&B run
-            log_store(cfg, man, len(store), on_disk)
+            log_store(exp, man, len(store), on_disk)
     return {"path": str(path), "batches": len(store), "label_bytes": acc_tbl["total"], "disk_bytes": on_disk}
 
 
-def log_store(cfg: DictConfig, manifest: dict[str, Any], batches: int, on_disk: int) -> None:
+def log_store(exp: Experiment, manifest: dict[str, Any], batches: int, on_disk: int) -> None:
     """The relabel run in W&B (job_type relabel, in the pipeline's / sweep's group): the store's accounting as the
     run's summary: label bytes, record bytes, batches, bytes on disk and each component."""
     from lpld.stages.common import build_logger, finish_logger, log_summary
@@ -148,7 +153,7 @@ def log_store(cfg: DictConfig, manifest: dict[str, Any], batches: int, on_disk: 
         "relabel/disk_bytes": int(on_disk),
         **{f"relabel/bytes/{k}": int(v) for k, v in sorted(acc["components"].items())},
     }
-    logger = build_logger(cfg, "relabel")
+    logger = build_logger(exp, "relabel")
     try:
         if logger is not None:
             from lpld.stages.common import log_metrics

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from lpld.artifacts import results as results_artifact
+from lpld.config.frozen import Experiment, to_plain
 from lpld.core.io import atomic_write_bytes
 from lpld.errors import ArtifactError, ConfigError
 from lpld.lit.display import log_images_uint8
@@ -51,15 +51,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resolve_inputs(cfg: DictConfig) -> tuple[Path, Path]:
+def resolve_inputs(exp: Experiment) -> tuple[Path, Path]:
     """(results file or folder, output folder) for this report."""
-    st = cfg.stage
+    st = exp.stage
     if st.get("results"):
         src = Path(str(st.results)).expanduser().resolve()
     elif st.get("results_name"):  # the same spec the producer (student / pipeline) wrote
-        src = results_artifact.path(cfg, str(st.results_name))
+        src = results_artifact.path(exp, str(st.results_name))
     else:
-        src = results_artifact.dir(cfg)
+        src = results_artifact.dir(exp)
     if st.get("out_dir"):
         return src, Path(str(st.out_dir)).expanduser().resolve()
     if src.is_dir():
@@ -89,13 +89,13 @@ def checked_records(src: Path) -> list[dict[str, Any]]:
     return records
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    st = cfg.stage
+def run(exp: Experiment) -> dict[str, Any]:
+    st = exp.stage
     rows, cols = _as_list(st.get("rows"), "rows"), _as_list(st.get("cols"), "cols")
     value = str(st.get("value", "top1"))
-    where = _flatten(OmegaConf.to_container(st.where, resolve=True)) if st.get("where") else None
+    where = _flatten(to_plain(st.where)) if st.get("where") else None
     digits, scale, ddof = int(st.get("digits", 1)), float(st.get("scale", 1.0)), int(st.get("ddof", 1))
-    src, out = resolve_inputs(cfg)
+    src, out = resolve_inputs(exp)
     records = checked_records(src)
     log.info("report: %d records from %s", len(records), src)
     try:
@@ -121,13 +121,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except ReportError as e:
             raise ConfigError(f"{e} (records from {src}); or set stage.pareto=false") from e
         atomic_write_bytes(out / "pareto.png", png)
-    logger = build_logger(cfg, "report")
+    logger = build_logger(exp, "report")
     try:
         if logger is not None:
             from lpld.report.wandb_log import log_report
 
             log_report(logger, table, filter_records(records, where), scale, ddof)  # numeric table + W&B chart
-            if rgb is not None and bool(cfg.logger.get("log_images", True)):
+            if rgb is not None and bool(exp.logger.get("log_images", True)):
                 pareto = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
                 # a caption is always passed: WandbLogger.log_image fails on caption=None (lightning 2.x)
                 log_images_uint8(logger, "report/pareto", pareto, caption=f"{value} vs total storage")

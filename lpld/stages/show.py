@@ -16,12 +16,10 @@ import json
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
-
 from lpld.artifacts import catalog
 from lpld.artifacts.base import dataset_name, root
-from lpld.config.compose import group_option
-from lpld.config.experiment import experiment_config, task_overrides
+from lpld.config.experiment import config_yaml, experiment_config, with_group
+from lpld.config.frozen import Experiment
 from lpld.errors import ConfigError
 
 log = logging.getLogger("lpld")
@@ -34,11 +32,11 @@ def _is_stage_override(o: str) -> bool:
     return key == "stage" or key.startswith("stage.")
 
 
-def target_overrides(of: str | None) -> list[str]:
+def target_overrides(exp: Experiment, of: str | None) -> list[str]:
     """The command line of the shown run. ``show=true``: this one's overrides without it; ``stage=show``: with
     ``stage=show`` replaced in place by ``stage=X`` and ``stage.of`` dropped (the order a user would type)."""
     out: list[str] = []
-    for o in task_overrides():
+    for o in exp.overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if key == "show":
             continue
@@ -51,21 +49,18 @@ def target_overrides(of: str | None) -> list[str]:
     return out
 
 
-def target_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with the stage node of ``stage.of`` in place of show's own node."""
+def target_config(exp: Experiment) -> Experiment:
+    """``exp`` with the stage node of ``stage.of`` in place of show's own node."""
     from lpld.stages import STAGES
 
-    of = str(cfg.stage.of)
+    of = str(exp.stage.of)
     if of not in STAGES or of in _NOT_SHOWN:
         valid = ", ".join(s for s in STAGES if s not in _NOT_SHOWN)
         raise ConfigError(f"stage.of={of!r} is not a stage show can describe; choose one of: {valid}")
-    out = cfg.copy()
-    with open_dict(out):
-        out.stage = group_option("stage", of, "stage.of")
-    return out
+    return with_group(exp, "stage", of, "stage.of")
 
 
-def _store_manifest(target: DictConfig, refs: list[catalog.ArtifactRef]) -> dict[str, Any] | None:
+def _store_manifest(target: Experiment, refs: list[catalog.ArtifactRef]) -> dict[str, Any] | None:
     if str(target.stage.name) != "student":
         return None
     store = next((r for r in refs if r.kind == "labels"), None)
@@ -74,11 +69,11 @@ def _store_manifest(target: DictConfig, refs: list[catalog.ArtifactRef]) -> dict
     return json.loads((store.path / "manifest.json").read_text())
 
 
-def pipeline_refs(target: DictConfig) -> list[catalog.ArtifactRef]:
+def pipeline_refs(target: Experiment) -> list[catalog.ArtifactRef]:
     """Every artifact of the pipeline's steps: writes, and reads no earlier step writes (inputs from outside)."""
     from lpld.stages.pipeline import Pipeline, compose_step
 
-    pipe = Pipeline(target, base=[o for o in task_overrides() if not _is_stage_override(o)])
+    pipe = Pipeline(target, base=[o for o in target.overrides if not _is_stage_override(o)])
     written: dict[str, catalog.ArtifactRef] = {}
     reads: dict[str, catalog.ArtifactRef] = {}
     for name, choices, _label in pipe.plan():
@@ -94,7 +89,7 @@ def pipeline_refs(target: DictConfig) -> list[catalog.ArtifactRef]:
     return [*reads.values(), *written.values()]
 
 
-def describe(target: DictConfig, refs: list[catalog.ArtifactRef]) -> list[str]:
+def describe(target: Experiment, refs: list[catalog.ArtifactRef]) -> list[str]:
     """Comment lines: one block per artifact, with the closest existing one when it is not complete."""
     art, ds = root(target), dataset_name(target)
     lines = [f"# artifacts under {art} (role kind status key / path)"]
@@ -109,18 +104,18 @@ def describe(target: DictConfig, refs: list[catalog.ArtifactRef]) -> list[str]:
     return lines
 
 
-def show(target: DictConfig, overrides: list[str]) -> dict[str, Any]:
+def show(target: Experiment, overrides: list[str]) -> dict[str, Any]:
     """Print the experiment of ``target`` (a composed stage config) and its artifacts; return both."""
     of = str(target.stage.name)
     refs = pipeline_refs(target) if of == "pipeline" else catalog.planned(target)
     exp = experiment_config(target, _store_manifest(target, refs))
     exp["overrides"] = overrides
     print(f"# lpld show: stage={of} (what `python run.py {' '.join(overrides)}` would run; nothing is run)")
-    print(OmegaConf.to_yaml(OmegaConf.create(exp)).rstrip())
+    print(config_yaml(exp))
     print("\n".join(describe(target, refs)))
     return {"config": exp, "artifacts": [(r.role, r.kind, r.key, str(r.path), r.status) for r in refs]}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(exp: Experiment) -> dict[str, Any]:
     """``stage=show``: the stage ``stage.of`` of this command line."""
-    return show(target_config(cfg), target_overrides(str(cfg.stage.of)))
+    return show(target_config(exp), target_overrides(exp, str(exp.stage.of)))

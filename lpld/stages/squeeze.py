@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from lpld.artifacts import overwrite as overwrite_artifact
 from lpld.artifacts import teacher as teacher_artifact
 from lpld.config import squeeze_settings
+from lpld.config.frozen import Experiment
 from lpld.core.io import drop_aside, fingerprint_obj, release_lock
 from lpld.errors import ConfigError
 from lpld.lit.fit import fit_with_resume, resumable_checkpoint
@@ -30,19 +30,19 @@ log = logging.getLogger("lpld")
 extra_callbacks: list[Any] = []
 
 
-def teacher_seed(cfg: DictConfig) -> int:
+def teacher_seed(exp: Experiment) -> int:
     """The teacher's training seed: ``teacher_seed`` (not the run's ``seed``, so every seed of a sweep
     shares one teacher; a config without the key falls back to ``seed``)."""
-    return int(cfg.get("teacher_seed", cfg.seed))
+    return int(exp.get("teacher_seed", exp.seed))
 
 
-def teacher_config_fingerprint(cfg: DictConfig) -> str:
+def teacher_config_fingerprint(exp: Experiment) -> str:
     """What a finished teacher was trained from (dataset, model, recipe, teacher_seed)."""
     # The dataset's identity, not its root (moving the data must not retrain) nor the recipes of
     # later stages (a student recipe change must not invalidate the teacher).
-    ds = {k: v for k, v in to_container(cfg.dataset).items() if k not in ("recipe", "root", "download")}
+    ds = {k: v for k, v in to_container(exp.dataset).items() if k not in ("recipe", "root", "download")}
     return fingerprint_obj(
-        {"dataset": ds, "model": to_container(cfg.model), "optim": squeeze_settings(cfg), "seed": teacher_seed(cfg)}
+        {"dataset": ds, "model": to_container(exp.model), "optim": squeeze_settings(exp), "seed": teacher_seed(exp)}
     )
 
 
@@ -85,7 +85,7 @@ def check_writable(folder: Path, what: str) -> None:
         raise err from e
 
 
-def _reuse_or_prepare(cfg: DictConfig, cfg_fp: str) -> dict[str, Any] | None:
+def _reuse_or_prepare(exp: Experiment, cfg_fp: str) -> dict[str, Any] | None:
     """Rank 0 decides, every rank follows: the finished teacher's val metrics (reuse) or None (train / resume).
 
     Raises:
@@ -95,13 +95,13 @@ def _reuse_or_prepare(cfg: DictConfig, cfg_fp: str) -> dict[str, Any] | None:
 
     def decide() -> dict[str, Any] | None:
         """Rank 0: the finished teacher's val metrics (reuse), None (train / resume), or an error."""
-        return teacher_artifact.prepare(cfg, cfg_fp, bool(cfg.stage.overwrite))
+        return teacher_artifact.prepare(exp, cfg_fp, bool(exp.stage.overwrite))
 
     # a child re-launched by Lightning starts inside rank 0's Trainer
-    return dist.decide(decide, follow=None, accelerator=dist.accelerator_of(cfg))
+    return dist.decide(decide, follow=None, accelerator=dist.accelerator_of(exp))
 
 
-def _dataloaders(cfg: DictConfig, st: dict[str, Any], per_rank: int) -> tuple[DataLoader, DataLoader]:
+def _dataloaders(exp: Experiment, st: dict[str, Any], per_rank: int) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders of the real data, sharded by rank and keyed by (teacher_seed, epoch, sample).
 
     Order and augmentation are keyed, not drawn from a stream, so a run resumed from last.ckpt trains on the
@@ -112,10 +112,10 @@ def _dataloaders(cfg: DictConfig, st: dict[str, Any], per_rank: int) -> tuple[Da
     from lpld.data.epoch_seeded import EpochSeededDataset, EpochShardSampler
     from lpld.data.transforms import eval_transform, train_transform
 
-    train = build_dataset(cfg.dataset, "train", transform=train_transform(cfg.dataset))
-    val = build_dataset(cfg.dataset, "val", transform=eval_transform(cfg.dataset))
-    nw = num_workers(cfg)
-    tseed = teacher_seed(cfg)
+    train = build_dataset(exp.dataset, "train", transform=train_transform(exp.dataset))
+    val = build_dataset(exp.dataset, "val", transform=eval_transform(exp.dataset))
+    nw = num_workers(exp)
+    tseed = teacher_seed(exp)
     train_dl = DataLoader(
         EpochSeededDataset(train, tseed),
         batch_size=per_rank,
@@ -134,17 +134,17 @@ def _dataloaders(cfg: DictConfig, st: dict[str, Any], per_rank: int) -> tuple[Da
     return train_dl, val_dl
 
 
-def _train(cfg: DictConfig, st: dict[str, Any], module: Any, loaders: tuple[DataLoader, DataLoader]) -> Any:
+def _train(exp: Experiment, st: dict[str, Any], module: Any, loaders: tuple[DataLoader, DataLoader]) -> Any:
     """Fit ``module`` (resuming from the teacher folder's last.ckpt); returns the Trainer."""
-    out_dir = teacher_artifact.dir(cfg)
-    logger = build_logger(cfg, "squeeze")
+    out_dir = teacher_artifact.dir(exp)
+    logger = build_logger(exp, "squeeze")
     try:
         trainer = build_trainer(
-            cfg,
+            exp,
             logger=logger,
             callbacks=[resumable_checkpoint(out_dir), *extra_callbacks],
             max_epochs=st["epochs"],
-            check_val_every_n_epoch=int(cfg.stage.val_every),
+            check_val_every_n_epoch=int(exp.stage.val_every),
             use_distributed_sampler=False,  # the samplers shard by rank themselves
         )
         # interruption is checked by the caller after the barrier (rank 0 writes teacher.pt at fit end)
@@ -171,45 +171,45 @@ def _check_resume(last: Path) -> None:
     check_plain_tensor_file(last, "delete it, or rerun with stage.overwrite=true to retrain the teacher from scratch")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume, or reuse) the teacher at ``teacher_artifact.path(cfg)``; returns its val metrics."""
+def run(exp: Experiment) -> dict[str, Any]:
+    """Train (or resume, or reuse) the teacher at ``teacher_artifact.path(exp)``; returns its val metrics."""
     import lightning as L
 
     from lpld import dist
     from lpld.lit.classifier import ClassifierModule
 
-    if cfg.model.get("pretrained") or cfg.model.get("checkpoint"):
+    if exp.model.get("pretrained") or exp.model.get("checkpoint"):
         log.info("model.pretrained/checkpoint set: the teacher is given, nothing to train")
         return {"skipped": True}
-    out_dir = teacher_artifact.dir(cfg)
-    weights = teacher_artifact.path(cfg)
-    cfg_fp = teacher_config_fingerprint(cfg)
-    st = squeeze_settings(cfg)
+    out_dir = teacher_artifact.dir(exp)
+    weights = teacher_artifact.path(exp)
+    cfg_fp = teacher_config_fingerprint(exp)
+    st = squeeze_settings(exp)
     check_epochs(st["epochs"])
     try:  # the recipe's batch is global: each of W ranks loads batch / W images per step
-        per_rank = dist.per_rank_batch(st["batch_size"], dist.planned_world_size(cfg), "stage.batch_size")
+        per_rank = dist.per_rank_batch(st["batch_size"], dist.planned_world_size(exp), "stage.batch_size")
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    reused = _reuse_or_prepare(cfg, cfg_fp)
+    reused = _reuse_or_prepare(exp, cfg_fp)
     if reused is not None:
         log.info("teacher exists at %s (val %s); reusing it (stage.overwrite=true retrains)", weights, reused)
         return {"reused": True, **reused}
     if dist.rank() == 0:
         check_writable(out_dir, "stage squeeze")  # a read-only folder fails now, not after an epoch of training
-    spec = dataset_spec(cfg)
-    L.seed_everything(teacher_seed(cfg), workers=True, verbose=False)
-    loaders = _dataloaders(cfg, st, per_rank)
+    spec = dataset_spec(exp)
+    L.seed_everything(teacher_seed(exp), workers=True, verbose=False)
+    loaders = _dataloaders(exp, st, per_rank)
     module = ClassifierModule(
-        model_cfg=to_container(cfg.model),
+        model_cfg=to_container(exp.model),
         num_classes=spec.num_classes,
         in_chans=spec.channels,
         img_size=spec.image_size,
         optim=st,
         label_smoothing=st["label_smoothing"],
         out_path=str(weights),
-        meta={"dataset": spec.name, "config_fingerprint": cfg_fp, "seed": teacher_seed(cfg)},
+        meta={"dataset": spec.name, "config_fingerprint": cfg_fp, "seed": teacher_seed(exp)},
     )
-    trainer = _train(cfg, st, module, loaders)
+    trainer = _train(exp, st, module, loaders)
     dist.barrier()  # rank 0 wrote teacher.pt in on_fit_end; per-rank launches read it next
     if trainer.interrupted or not weights.exists():
         raise RuntimeError(

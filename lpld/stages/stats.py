@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from lpld.artifacts import overwrite as overwrite_artifact
 from lpld.artifacts import stats as stats_artifact
 from lpld.artifacts import teacher as teacher_artifact
+from lpld.config.frozen import Experiment
 from lpld.core.io import drop_aside, release_lock
 from lpld.lit.stats_module import StatsJob, StatsModule
 from lpld.stages.common import build_logger, build_trainer, finish_logger, log_metrics, to_container
@@ -20,46 +20,46 @@ from lpld.stages.squeeze import check_writable
 log = logging.getLogger("lpld")
 
 
-def stats_job(cfg: DictConfig, out: Path) -> StatsJob:
+def stats_job(exp: Experiment, out: Path) -> StatsJob:
     """The resolved settings of the stats pass writing ``out``."""
     from lpld.config import stats_settings
 
-    st = stats_settings(cfg)
-    limit = cfg.stage.get("max_images")
+    st = stats_settings(exp)
+    limit = exp.stage.get("max_images")
     return StatsJob(
-        dataset=to_container(cfg.dataset),
-        model_name=str(cfg.model.name),
+        dataset=to_container(exp.dataset),
+        model_name=str(exp.model.name),
         mode=st["mode"],
         momentum=st["momentum"],
         batch_size=st["batch_size"],
         augment=st["augment"],
-        seed=stats_artifact.stats_seed(cfg),
+        seed=stats_artifact.stats_seed(exp),
         max_images=int(limit) if limit else None,
-        num_workers=int(cfg.trainer.get("num_workers", 0)),
+        num_workers=int(exp.trainer.get("num_workers", 0)),
         out_path=str(out),
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(exp: Experiment) -> dict[str, Any]:
     from lpld import dist
 
-    out = stats_artifact.path(cfg)
-    teacher, teacher_fp = teacher_artifact.load(cfg)  # fails early with the fix if there is no teacher
+    out = stats_artifact.path(exp)
+    teacher, teacher_fp = teacher_artifact.load(exp)  # fails early with the fix if there is no teacher
 
     def decide() -> str:
         """Rank 0: "reuse" the finished stats, or "compute" (after moving an overwritten file aside)."""
-        return stats_artifact.prepare(out, teacher_fp, stats_artifact.spec(cfg).mode, bool(cfg.stage.overwrite))
+        return stats_artifact.prepare(out, teacher_fp, stats_artifact.spec(exp).mode, bool(exp.stage.overwrite))
 
     # rank 0 decides; a child re-launched by Lightning starts inside rank 0's Trainer (it computes)
-    if dist.decide(decide, follow="compute", accelerator=dist.accelerator_of(cfg)) == "reuse":
+    if dist.decide(decide, follow="compute", accelerator=dist.accelerator_of(exp)) == "reuse":
         log.info("class-wise stats exist at %s for this teacher; reusing them", out)
         return {"reused": True}
     if dist.rank() == 0:
         check_writable(out.parent, "stage stats")  # a read-only folder fails now, not after the pass
-    module = StatsModule(teacher, teacher_fp, stats_job(cfg, out))
-    logger = build_logger(cfg, "stats")
+    module = StatsModule(teacher, teacher_fp, stats_job(exp, out))
+    logger = build_logger(exp, "stats")
     try:
-        trainer = build_trainer(cfg, logger=logger, use_distributed_sampler=False, inference_mode=True)
+        trainer = build_trainer(exp, logger=logger, use_distributed_sampler=False, inference_mode=True)
         # stage.overwrite=true: the old stats move aside only now that the pass starts; back if it fails
         overwrite_artifact.begin(out)
         try:

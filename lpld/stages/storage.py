@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
+from lpld.config.frozen import Experiment
 from lpld.core.label_store import LabelStore, disk_bytes
 from lpld.core.storage_accounting import GIB, format_table, image_bytes, predict_paper, predict_store
 
@@ -35,15 +34,15 @@ def _print_store(path: Path, verify: str) -> dict[str, Any]:
     return {"path": str(path), "components": acc["components"], "total": acc["total"], "disk_bytes": on_disk}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(exp: Experiment) -> dict[str, Any]:
     from lpld.artifacts import labels
 
-    st = cfg.stage
+    st = exp.stage
     if st.get("path"):
         return _print_store(Path(str(st.path)), str(st.verify))
-    spec = labels.store_spec(cfg)
+    spec = labels.store_spec(exp)
     try:
-        path = labels.path(cfg)
+        path = labels.path(exp)
     except Exception:  # noqa: BLE001 - no artifacts root configured: prediction only
         path = None
     if path is not None and (path / "manifest.json").exists():
@@ -60,10 +59,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         drop_last=spec.drop_last,
     )
     img = image_bytes(
-        spec.num_images, int(cfg.dataset.channels), int(cfg.dataset.image_size), st.get("image_bytes_per_image")
+        spec.num_images, int(exp.dataset.channels), int(exp.dataset.image_size), st.get("image_bytes_per_image")
     )
     title = (
-        f"predicted label store: {cfg.dataset.name} ipc{cfg.ipc} prune={spec.prune_name}-{spec.granularity} "
+        f"predicted label store: {exp.dataset.name} ipc{exp.ipc} prune={spec.prune_name}-{spec.granularity} "
         f"quant={spec.quant.tag} record={spec.record_mode} ({acc['num_batches']} batches)"
     )
     print(format_table(sorted(acc["components"].items()) + [("npy_headers", acc["npy_headers"])], title))

@@ -31,7 +31,7 @@ from .helpers import META, build_store, compose_cfg, copy_store, flip_byte, npy_
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    cfg = compose_cfg(["stage=recover", "logger=none", f"paths.root={root}", "dataset=demo", "recover=sre2l"])
+    cfg = compose_cfg(["stage=recover", "logger=none", f"paths.root={root}", "dataset=demo", "recover=sre2l"], raw=True)
     store = build_store(root / "store")
     imgs = root / "images"
     g = torch.Generator().manual_seed(0)

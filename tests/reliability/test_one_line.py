@@ -112,13 +112,10 @@ def test_bad_value_is_one_line_naming_the_key_and_a_valid_value(built, case):
 
 
 def test_prune_ratio_abc_names_the_key_when_the_schema_lets_it_through(built):
-    from omegaconf import open_dict
-
     from lpld.config.values import check_prune_ratio
 
     cfg = stage(built["root"], "stage=relabel", "prune=10x")
-    with open_dict(cfg):
-        cfg.prune = {**cfg.prune, "ratio": "abc"}  # as an untyped (Any) schema field composes it
+    cfg = cfg.with_values({"prune.ratio": "abc"})  # as an untyped (Any) schema field composes it
     with pytest.raises(ConfigError, match=r"prune.ratio='abc' is not a number; set prune=<1x"):
         check_prune_ratio(cfg)
 

@@ -1,0 +1,157 @@
+"""Student stage, inputs: the distilled images and the label store a student run reads, opened and checked once.
+
+:func:`load_inputs` is the only function of the student stage's jobs that reads the experiment for its inputs; it
+hands the rest of the stage a :class:`StudentInputs` holding every value they use (sections, not the experiment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpld.artifacts import images as images_artifact
+from lpld.artifacts import students as students_artifact
+from lpld.artifacts import teacher as teacher_artifact
+from lpld.config import metric_settings, student_settings
+from lpld.config.frozen import Experiment, Node
+from lpld.config.student_run import store_config, student_model_cfg, world_size
+from lpld.core.io import ArtifactError
+from lpld.errors import ConfigError
+from lpld.stages.common import dataset_spec, num_workers
+
+
+def label_store_dir(exp: Experiment) -> Path:
+    """Directory of the label store this student reads (``stage.store`` overrides; lpld.config.student_run)."""
+    if exp.stage.get("store"):
+        return students_artifact.store_dir(exp)
+    return students_artifact.store_dir(exp, store_config(exp))
+
+
+def students_dir(store_dir: Path) -> Path:
+    """Where the students of a label store keep their runs.
+
+    ``<labels>/<images key>/<store key>`` -> ``<teacher dir>/students/<images key>/<store key>`` (outside
+    the relabel stage's directories).
+    """
+    return store_dir.parent.parent.parent / "students" / store_dir.parent.name / store_dir.name
+
+
+def check_store(
+    store: Any, images_manifest: dict[str, Any], images: torch.Tensor, spec: Any, st: dict[str, Any], store_dir: Path
+) -> None:
+    """Refuse a store made for other images, another batch size, image size or class count."""
+    man = store.manifest
+    fp_img, fp_store = images_manifest.get("images_fingerprint"), man.get("images_fingerprint")
+    if fp_img != fp_store:
+        raise ArtifactError(
+            f"label store {store_dir} was made for other images (images fingerprint {fp_store}, the distilled "
+            f"images have {fp_img}); rerun stage=relabel for these images or point stage.store at the right store"
+        )
+    if int(man["num_images"]) != images.shape[0]:
+        raise ArtifactError(
+            f"label store {store_dir} holds labels for {man['num_images']} images, found "
+            f"{images.shape[0]}; rerun stage=relabel"
+        )
+    if list(man["image_hw"]) != list(images.shape[-2:]):
+        raise ArtifactError(
+            f"label store {store_dir} was made for {man['image_hw']} images, found "
+            f"{list(images.shape[-2:])}; rerun stage=relabel"
+        )
+    if int(man["num_classes"]) != spec.num_classes:
+        raise ArtifactError(
+            f"label store {store_dir} has {man['num_classes']} classes, dataset={spec.name} has {spec.num_classes}"
+        )
+    out = int(man["aug"]["out_size"])
+    if out != spec.image_size:
+        raise ArtifactError(
+            f"label store {store_dir} augments to {out}px but dataset={spec.name} evaluates at "
+            f"{spec.image_size}px; relabel with the dataset's image size"
+        )
+    bs = st.get("batch_size")
+    if bs is not None and int(bs) != int(man["batch_size"]):
+        raise ConfigError(
+            f"student.batch_size={bs} differs from the label store's batch size {man['batch_size']}: stored labels "
+            "belong to whole stored batches. Use student.batch_size=null, or relabel with that batch size"
+        )
+
+
+@dataclass(frozen=True)
+class StudentInputs:
+    """What a student run reads and every value of the experiment its jobs use, gathered once.
+
+    Tensors: ``images`` uint8 (N, C, H, W), ``labels`` (N,) class of each distilled image.
+    """
+
+    spec: Any  # DatasetSpec
+    metric: dict[str, Any]  # label-pool selection (metric_settings)
+    images_dir: Path
+    images: torch.Tensor
+    labels: torch.Tensor
+    images_manifest: dict[str, Any]
+    store_dir: Path
+    store: Any  # LabelStore
+    settings: dict[str, Any]  # student_settings (the store's schedule filled in)
+    model_cfg: dict[str, Any]  # the student architecture
+    seed: int
+    stage: Node  # the student stage's knobs (results_name, overwrite, ckpt_every, val_every, workers ...)
+    dataset: Node  # the dataset section (the real validation set)
+    prune: Node  # the prune group (name, ratio)
+    method: str  # recover.name
+    teacher_name: str
+    world: int  # processes the trainer preset runs
+    workers: int  # data-loader workers of the trainer preset
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.store.manifest
+
+
+def load_inputs(exp: Experiment) -> StudentInputs:
+    """Open the distilled images and the label store of this experiment and resolve the student settings."""
+    from lpld.core.images import load_distilled
+    from lpld.core.label_store import LabelStore
+
+    spec = dataset_spec(exp)
+    images_dir = images_artifact.path(exp)
+    teacher_fp = teacher_artifact.fingerprint(exp)
+    images_artifact.require(exp)
+    images, labels, img_man = load_distilled(
+        images_dir,
+        expect_teacher_fingerprint=teacher_fp,
+        allow_other_teacher=bool(exp.stage.get("allow_other_teacher", False)),
+    )
+    store_dir = label_store_dir(exp)
+    if not exp.stage.get("store") and not (store_dir / "manifest.json").is_file():
+        from lpld.artifacts import labels as labels_artifact
+        from lpld.artifacts.catalog import missing_hint
+
+        raise ArtifactError(
+            f"no label store at {store_dir}; run `python run.py stage=relabel` with the same overrides first"
+            + missing_hint(exp, "labels", labels_artifact.spec(store_config(exp)))
+        )
+    store = LabelStore.open(store_dir, verify=str(exp.stage.get("verify", "fast")))
+    st = student_settings(exp, store.manifest)
+    check_store(store, img_man, images, spec, st, store_dir)
+    return StudentInputs(
+        spec=spec,
+        metric=metric_settings(exp),
+        images_dir=images_dir,
+        images=images,
+        labels=labels,
+        images_manifest=img_man,
+        store_dir=store_dir,
+        store=store,
+        settings=st,
+        model_cfg=student_model_cfg(exp),
+        seed=int(exp.seed),
+        stage=exp.stage,
+        dataset=exp.dataset,
+        prune=exp.prune,
+        method=str(exp.recover.name),
+        teacher_name=teacher_artifact.teacher_name(exp),
+        world=world_size(exp),
+        workers=num_workers(exp),
+    )
