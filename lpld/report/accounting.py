@@ -1,0 +1,58 @@
+"""Byte-honest accounting of a results record (issue 21, item 1): everything a student needs at train time.
+
+A row's bytes are four parts:
+
+* ``images``: the distilled images as stored (``image_file_bytes``: the PNG files; ``image_bytes``, the raw uint8
+  pixels, where a record has no file size);
+* ``labels``: the label arrays the student reads (``label_only_bytes``; 0 for a hard-label student, whose labels
+  are the images' classes, implied by their order);
+* ``records``: the augmentation records it replays (``label_bytes - label_only_bytes``: crops, flips, CutMix
+  partners and boxes, or one seed per batch with ``record=seed``, plus the store's index and checksums);
+* ``model``: any network the student runs at train time (``model_bytes``: an online teacher, a label generator);
+  0 for a student that reads stored labels.
+
+``total`` is their sum. A record written before ``label_only_bytes`` existed cannot be split: its ``label_bytes``
+count as labels and its records as 0 (the total is right either way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+PARTS = ("images", "labels", "records", "model")
+# derived record fields (``lpld.report.table.get_field``): bytes_images, ..., bytes_total
+FIELDS = tuple(f"bytes_{p}" for p in (*PARTS, "total"))
+
+
+def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
+    """{images, labels, records, model, total} bytes of one record (see the module docstring).
+
+    Raises:
+        KeyError: the record has neither ``image_file_bytes`` nor ``image_bytes``, or no ``label_bytes``.
+    """
+    images = record.get("image_file_bytes")
+    if images is None:
+        images = record["image_bytes"]
+    store = int(record["label_bytes"])  # the pooled batches' accounting total: labels + records
+    labels = record.get("label_only_bytes")
+    labels = store if labels is None else int(labels)
+    if record.get("labels") == "hard":
+        labels = 0
+    parts = {
+        "images": int(images),
+        "labels": labels,
+        "records": store - labels,
+        "model": int(record.get("model_bytes") or 0),
+    }
+    if min(parts.values()) < 0:
+        raise ValueError(f"negative byte count in a results record: {parts} (label_only_bytes > label_bytes?)")
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def derived_field(record: Mapping[str, Any], name: str) -> int:
+    """The value of a derived ``bytes_<part>`` field (KeyError when the record lacks what it needs)."""
+    if name not in FIELDS:
+        raise KeyError(name)
+    return byte_parts(record)[name[len("bytes_") :]]
