@@ -140,7 +140,8 @@ def test_report_stage_writes_the_frontier_table(tmp_path):
     for i, r in enumerate(RECORDS):
         extra = {"config": {}, "top5": 1.0, "compression_vs_1x": 1.0, "wall_time_s": 1.0, "run_key": f"r{i}"}
         append_record(res, dict(r, **extra))
-    stage = compose_cfg(["stage=report", "stage.rows=[method,quant]", "stage.cols=[labels,prune]", "stage.real_hard_top1=0.9"])
+    ov = ["stage=report", "stage.rows=[method,quant]", "stage.cols=[labels,prune]", "stage.real_hard_top1=0.9"]
+    stage = compose_cfg(ov)
     cfg = OmegaConf.create(
         {
             "dataset": {"name": "demo"},
