@@ -156,3 +156,30 @@ def test_report_stage_writes_the_frontier_table(tmp_path):
     # HLR from the configured real-hard accuracy: 0.90 - 0.40; a = 0.06 - 0.25 = -0.19
     lrs = 100 * (math.exp(-0.19) - math.exp(-1)) / (math.e - math.exp(-1))
     assert f"| 62.0 ± 2.8 | +12.0 | +50.0 | {lrs:.1f} |" in md
+
+
+def test_model_bytes_by_hand():
+    import torch
+
+    from lpld.core.storage_accounting import model_bytes
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    # floats: 12 + 3 (linear) + 3 + 3 (bn affine) + 3 + 3 (running stats) = 27; num_batches_tracked: one int64
+    assert model_bytes(m) == 27 * 4 + 8
+    assert model_bytes(m, torch.float16) == 27 * 2 + 8
+    assert model_bytes(m.state_dict()) == model_bytes(m)
+
+
+def test_bytes_figure_and_write_frontier(tmp_path):
+    from lpld.report.frontier import bytes_figure, write_frontier
+
+    rows = write_frontier(RECORDS, tmp_path, title="demo", real_hard=0.8)
+    assert (tmp_path / "frontier.md").read_text().startswith("### demo")
+    assert (tmp_path / "bytes.png").read_bytes()[:4] == b"\x89PNG"
+    fig, _ = bytes_figure(rows)
+    ax = fig.axes[0]
+    # one bar per part per row, stacked: the right end of each row's last bar is its total (kB)
+    bars = ax.patches
+    assert len(bars) == 4 * len(rows)
+    ends = sorted(round(b.get_x() + b.get_width(), 6) for b in bars[-len(rows) :])
+    assert ends == sorted(round(r["total"] / 1e3, 6) for r in rows)

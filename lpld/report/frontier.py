@@ -92,3 +92,57 @@ def frontier_markdown(rows: list[dict[str, Any]], value: str = "top1", title: st
             f"{_pts(r['ior'])} | {_pts(r['hlr'])} | {lrs} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def bytes_figure(rows: list[dict[str, Any]], title: str = "") -> tuple[Any, Any]:
+    """Horizontal stacked bars of each configuration's bytes by part (kB), smallest total at the top.
+
+    Returns:
+        (matplotlib Figure, its Agg canvas).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ReportError("no rows to plot")
+    fig = Figure(figsize=(7, 0.9 + 0.28 * len(rows)), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    names = [f"{r['method']} ipc{r['ipc']} {r['prune']} {r['quant']} {r['label_kind']}" for r in rows]
+    y = np.arange(len(rows))[::-1]
+    left = np.zeros(len(rows))
+    for i, part in enumerate(PARTS):
+        kb = np.asarray([r[part] / 1e3 for r in rows])
+        ax.barh(y, kb, left=left, color=f"C{i}", label=part, height=0.7)
+        left += kb
+    ax.set_yticks(y, names, fontsize=6)
+    ax.set_xlabel("kB (1000 B): images as stored + label arrays + augmentation records + train-time model")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig, canvas
+
+
+def write_frontier(
+    records: Iterable[Mapping[str, Any]],
+    out_dir: Any,
+    value: str = "top1",
+    title: str = "",
+    real_hard: float | None = None,
+) -> list[dict[str, Any]]:
+    """Write ``frontier.md`` (the byte table with DD-Ranking scores) and ``bytes.png`` (parts per row) to out_dir."""
+    import io
+    from pathlib import Path
+
+    from lpld.core.io import atomic_write_bytes
+
+    rows = frontier_rows(records, value, real_hard=real_hard)
+    out = Path(out_dir)
+    atomic_write_bytes(out / "frontier.md", frontier_markdown(rows, value, title).encode())
+    fig, _ = bytes_figure(rows, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no timestamp: same records, same bytes
+    atomic_write_bytes(out / "bytes.png", buf.getvalue())
+    return rows

@@ -1,8 +1,8 @@
 """stage=report: results records -> the paper's table shape + a Pareto plot (top-1 vs total storage).
 
 Reads records written by the student stage (``lpld.report.records.load_records``), pivots them with
-``lpld.report`` and writes ``report.md``, ``report.csv``, ``report_long.csv``, ``frontier.md`` (bytes by part,
-DD-Ranking scores) and ``pareto.png``
+``lpld.report`` and writes ``report.md``, ``report.csv``, ``report_long.csv``, ``frontier.md`` and ``bytes.png``
+(bytes by part, DD-Ranking scores: ``lpld.report.frontier``) and ``pareto.png``
 to ``stage.out_dir`` (default ``<results folder>/reports/<file stem or "all">``). The reports are views of
 the records, so rewriting them on a rerun is intended (logged). With a logger the table goes to W&B as a
 ``wandb.Table`` and the plot as a uint8 image.
@@ -21,7 +21,7 @@ from lpld.artifacts import results as results_artifact
 from lpld.core.io import atomic_write_bytes
 from lpld.errors import ArtifactError, ConfigError
 from lpld.lit.display import log_images_uint8
-from lpld.report.frontier import frontier_markdown, frontier_rows
+from lpld.report.frontier import write_frontier
 from lpld.report.pareto import pareto_plot, pareto_points
 from lpld.report.records import REQUIRED_FIELDS, load_records
 from lpld.report.table import ReportError, filter_records, pivot, to_csv, to_long_csv, to_markdown
@@ -114,8 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_bytes(out / "report.csv", to_csv(table, digits, scale, ddof).encode())
     atomic_write_bytes(out / "report_long.csv", to_long_csv(table, scale, ddof).encode())
     try:  # issue 21: bytes by part (images, labels, records, model) and DD-Ranking's IOR / HLR / LRS
-        frontier = frontier_rows(filter_records(records, where), value, real_hard=st.get("real_hard_top1"))
-        atomic_write_bytes(out / "frontier.md", frontier_markdown(frontier, value, title).encode())
+        write_frontier(filter_records(records, where), out, value, title, st.get("real_hard_top1"))
     except ReportError as e:
         log.warning("report: no frontier.md: %s", e)
     print(md)
