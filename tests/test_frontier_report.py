@@ -183,3 +183,16 @@ def test_bytes_figure_and_write_frontier(tmp_path):
     assert len(bars) == 4 * len(rows)
     ends = sorted(round(b.get_x() + b.get_width(), 6) for b in bars[-len(rows) :])
     assert ends == sorted(round(r["total"] / 1e3, 6) for r in rows)
+
+
+def test_records_from_before_the_labels_field():
+    """A hard-label record written before issue 19: no ``labels`` field, student.loss = ce, the store's label
+    arrays still in label_bytes / label_only_bytes: 0 label bytes, its records kept, a hard row for HLR."""
+    old_soft = {k: v for k, v in rec("lpld", 0.77).items() if k != "labels"}
+    old_hard = dict(old_soft, top1=0.53, student={"loss": "ce"})
+    assert byte_parts(old_hard) == {"images": 73056, "labels": 0, "records": 11000, "model": 0, "total": 84056}
+    assert byte_parts(old_soft)["labels"] == 19000
+    s = scores_from_records([old_soft, old_hard], old_soft, real_hard=0.80)
+    assert s.hlr == pytest.approx(0.27) and s.ior is None
+    kinds = sorted(r["label_kind"] for r in frontier_rows([old_soft, old_hard]))
+    assert kinds == ["hard", "soft"]

@@ -5,7 +5,8 @@ A row's bytes are four parts:
 * ``images``: the distilled images as stored (``image_file_bytes``: the PNG files; ``image_bytes``, the raw uint8
   pixels, where a record has no file size);
 * ``labels``: the label arrays the student reads (``label_only_bytes``; 0 for a hard-label student, whose labels
-  are the images' classes, implied by their order);
+  are the images' classes, implied by their order: ``labels == "hard"``, or ``student.loss == "ce"`` in older
+  records);
 * ``records``: the augmentation records it replays (``label_bytes - label_only_bytes``: crops, flips, CutMix
   partners and boxes, or one seed per batch with ``record=seed``, plus the store's index and checksums);
 * ``model``: any network the student runs at train time (``model_bytes``: an online teacher, a label generator);
@@ -25,6 +26,16 @@ PARTS = ("images", "labels", "records", "model")
 FIELDS = tuple(f"bytes_{p}" for p in (*PARTS, "total"))
 
 
+def is_hard(record: Mapping[str, Any]) -> bool:
+    """The row's student trained on hard labels: ``labels == "hard"``, or (older records) ``student.loss == "ce"``."""
+    if "labels" in record:
+        return record["labels"] == "hard"
+    student = record.get("student")
+    if not isinstance(student, Mapping):
+        student = (record.get("config") or {}).get("student") or {}
+    return student.get("loss") == "ce"
+
+
 def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
     """{images, labels, records, model, total} bytes of one record (see the module docstring).
 
@@ -34,15 +45,15 @@ def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
     images = record.get("image_file_bytes")
     if images is None:
         images = record["image_bytes"]
-    store = int(record["label_bytes"])  # the pooled batches' accounting total: labels + records
-    labels = record.get("label_only_bytes")
-    labels = store if labels is None else int(labels)
-    if record.get("labels") == "hard":
-        labels = 0
+    store = int(record["label_bytes"])  # the pooled batches' accounting total: label arrays + records
+    label_arrays = record.get("label_only_bytes")
+    label_arrays = store if label_arrays is None else int(label_arrays)
     parts = {
         "images": int(images),
-        "labels": labels,
-        "records": store - labels,
+        # a hard-label student reads no label array (a record written before issue 19 still counts the store's
+        # label arrays in label_bytes and label_only_bytes: subtracting them leaves its records either way)
+        "labels": 0 if is_hard(record) else label_arrays,
+        "records": store - label_arrays,
         "model": int(record.get("model_bytes") or 0),
     }
     if min(parts.values()) < 0:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lpld.report.accounting import is_hard
 from lpld.report.table import canonical, get_field
 
 DEFAULT_W = 0.5
@@ -75,7 +76,7 @@ def _key(rec: Mapping[str, Any], fields: Iterable[str]) -> tuple[str, ...]:
 
 
 def _is_hard(rec: Mapping[str, Any]) -> bool:
-    return rec.get("labels") == "hard"
+    return is_hard(rec)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lpld.report.accounting import PARTS, byte_parts
+from lpld.report.accounting import PARTS, byte_parts, is_hard
 from lpld.report.ddranking import DEFAULT_W, scores_from_records
 from lpld.report.table import ReportError, _identity, display, get_field, natural_key
 
@@ -30,7 +30,7 @@ def frontier_rows(
     recs = list(records)
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in recs:
-        key = tuple(sorted(_identity(r).items())) + (("labels", str(r.get("labels", "soft"))),)
+        key = tuple(sorted(_identity(r).items())) + (("hard", is_hard(r)),)
         groups.setdefault(key, []).append(r)
     out = []
     for rows in groups.values():
@@ -46,7 +46,7 @@ def frontier_rows(
             "ipc": display(get_field(first, "ipc", "?")),
             "prune": display(get_field(first, "prune", "?")),
             "quant": display(get_field(first, "quant", "none")),
-            "label_kind": str(first.get("labels", "soft")),
+            "label_kind": "hard" if is_hard(first) else "soft",
             **{p: float(np.mean([b[p] for b in parts])) for p in (*PARTS, "total")},
             value: float(acc.mean()),
             f"{value}_std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
