@@ -1,6 +1,6 @@
 """Entropy coding of label-store arrays (issue 21, item 4): zlib (stdlib) vs zstandard, bytes and decode speed.
 
-    python -m lpld.bench.entropy <label store dir> [--k 5] [--repeat 20] [--also <more store dirs>]
+    python -m lpld.bench._entropy <label store dir> [--k 5] [--repeat 20] [--also <more store dirs>]
 
 Reads a store written with ``quant=none`` (the full fp16 logits of a real teacher), re-encodes its logits with
 the top-k codecs (mr fp16 + uint16, mrq 8 / 4 bit + uint8 indices) and compresses every array -- labels and the
@@ -9,6 +9,8 @@ after a byte-plane shuffle (byte j of every element together: exposes the fp16 e
 Prints one markdown row per array and codec: bytes, ratio to raw, decode MB/s (decompressed bytes / best of
 ``repeat`` decodes). Then packs each store whole (``lpld.core.label_store.pack``, both methods) and times the
 unpack. zstandard is optional here (``pip install zstandard``); without it only zlib is measured.
+
+A measurement script, not a timed benchmark: the leading underscore keeps it out of ``python -m lpld.bench``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """How far each top-k codec's decoded target is from the teacher's full softmax, on a real store's logits.
 
-    python -m lpld.bench.codec_fidelity <label store dir of a quant=none run> [--t 4.0] [--k 3 5]
+    python -m lpld.bench._codec_fidelity <label store dir of a quant=none run> [--t 4.0] [--k 3 5]
 
 Prints one markdown row per codec: bytes per row, mean total-variation distance of the decoded target at T to
 softmax(z / T) in fp32, the largest absolute probability difference to the fp16 codec of the same k (mr for
 mrq, ms for msq), and the share of rows whose argmax is the teacher's.
+
+A measurement script, not a timed benchmark: the leading underscore keeps it out of ``python -m lpld.bench``.
 """
 
 from __future__ import annotations
