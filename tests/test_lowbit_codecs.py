@@ -192,8 +192,8 @@ def test_validation_names_the_knob():
 IPC, SIZE, K = 2, 8, 4
 
 
-@pytest.mark.parametrize("quant_name", ["mrq", "msq"])
-def test_relabel_then_student_through_the_yaml(tmp_path, quant_name):
+@pytest.mark.parametrize("quant_name,index", [("mrq", "plain"), ("msq", "plain"), ("mrq", "rank")])
+def test_relabel_then_student_through_the_yaml(tmp_path, quant_name, index):
     """teacher -> recover (random_real) -> relabel with conf/quant/<name>.yaml (4-bit) -> one student epoch."""
     from lpld.artifacts import labels as labels_artifact
     from lpld.artifacts import results as results_artifact
@@ -212,6 +212,7 @@ def test_relabel_then_student_through_the_yaml(tmp_path, quant_name):
         f"quant={quant_name}",
         "quant.k=3",
         "quant.params.bits=4",
+        f"quant.params.index={index}",
         "dataset.recipe.student.epochs=1",
         "dataset.recipe.student.batch_size=4",
         "dataset.recipe.student.temperature=4.0",
@@ -225,14 +226,54 @@ def test_relabel_then_student_through_the_yaml(tmp_path, quant_name):
     rcfg = compose_cfg(["stage=relabel", *ov])
     run_stage(rcfg)
     path = labels_artifact.path(rcfg)
-    tag = f"_{quant_name[:2]}3q4_"
+    tag = f"_{quant_name[:2]}3q4{'r' if index == 'rank' else ''}_"
     assert tag in path.name
     store = LabelStore.open(path, verify="full")
     acc = store.manifest["accounting"]
     extra = 2 if quant_name == "msq" else 0
-    assert acc["labels_bytes"] == store.manifest["num_rows"] * (3 + 1 + 2 + extra)  # uint8 idx, 1 gap byte, scale
+    idx = 1 if index == "rank" else 3  # C = 4, k = 3: P = 24 ranks fit one byte; plain: 3 uint8 indices
+    assert acc["labels_bytes"] == store.manifest["num_rows"] * (idx + 1 + 2 + extra)  # + 1 gap byte, fp16 scale
     scfg = compose_cfg(["stage=student", *ov])
     run_stage(scfg)
     recs = load_records(results_artifact.dir(scfg) / "results.jsonl")
     assert len(recs) == 1 and display(recs[0]["quant"]) == tag.strip("_")
     assert recs[0]["label_bytes"] == acc["total"] and math.isfinite(float(recs[0]["top1"]))
+
+
+# ------------------------------------------------------------------------------------- ranked class indices
+def test_subset_rank_is_a_bijection_onto_0_to_p():
+    import itertools
+
+    from lpld.core.quant_lowbit import rank_subsets, subset_count, unrank_subsets
+
+    for c, k in ((5, 3), (6, 6), (7, 1)):
+        subsets = torch.tensor(list(itertools.permutations(range(c), k)))
+        r = rank_subsets(subsets, c)
+        assert sorted(r.tolist()) == list(range(subset_count(c, k)))  # every rank once
+        assert torch.equal(unrank_subsets(r, c, k), subsets)
+    # by hand, C = 10, (2, 5, 3): digits 2 (radix 10), 5 - 1 = 4 (radix 9), 3 - 1 = 2 (radix 8): (2 * 9 + 4) * 8 + 2
+    assert rank_subsets(torch.tensor([[2, 5, 3]]), 10).tolist() == [178]
+
+
+def test_ranked_indices_bytes_and_round_trip():
+    from lpld.core.quant_lowbit import rank_bytes
+
+    # P = 10 * 9 * 8 * 7 * 6 = 30240 < 2^15: 2 bytes for 5 indices; k = 9: 3628800 < 2^22: 3 bytes
+    assert (rank_bytes(10, 5), rank_bytes(10, 9), rank_bytes(10, 3), rank_bytes(100, 9)) == (2, 3, 2, 8)
+    enc, _ = _enc_dec(ROW, quant.QuantConfig("mrq", k=3, params={"bits": 8, "index": "rank"}), 1.0)
+    # ROW's top-3 classes are (2, 5, 3) in C = 8: digits 2, 4, 2 in radices 8, 7, 6 -> (2 * 7 + 4) * 6 + 2 = 110;
+    # P = 336 >= 2^8: two bytes, little-endian
+    assert enc["qindices"].tolist() == [[110, 0]] and enc["qindices"].dtype == np.uint8
+    z = torch.randn(200, 10, generator=torch.Generator().manual_seed(5)) * 3
+    for mode in ("mrq", "msq"):
+        plain = quant.QuantConfig(mode, k=5, temperature=2.0, params={"bits": 4})
+        ranked = quant.QuantConfig(mode, k=5, temperature=2.0, params={"bits": 4, "index": "rank"})
+        e1, p1 = _enc_dec(z, plain, 2.0)
+        e2, p2 = _enc_dec(z, ranked, 2.0)
+        assert torch.equal(p1, p2)  # the same target, 3 bytes fewer per row
+        assert sum(a.nbytes for a in e1.values()) - sum(a.nbytes for a in e2.values()) == 200 * (5 - 2)
+        assert ranked.tag == f"{mode[:2]}5q4r"
+    with pytest.raises(ValueError, match="index=rank needs"):
+        quant.QuantConfig("mrq", k=10, params={"index": "rank"}).validate(1000)
+    with pytest.raises(ValueError, match="must be plain or rank"):
+        quant.QuantConfig("mrq", k=3, params={"index": "zip"}).validate(10)

@@ -3,7 +3,7 @@
     python -m lpld.bench._entropy <label store dir> [--k 5] [--repeat 20] [--also <more store dirs>]
 
 Reads a store written with ``quant=none`` (the full fp16 logits of a real teacher), re-encodes its logits with
-the top-k codecs (mr fp16 + uint16, mrq 8 / 4 bit + uint8 indices) and compresses every array -- labels and the
+the top-k codecs (mr fp16 + uint16, mrq 8 / 4 bit + uint8 indices, mrq 4 bit + ranked indices) and compresses every array -- labels and the
 augmentation records -- whole, as one ``.npy`` payload: raw, zlib level 6 and 9, zstd level 3 and 19, each also
 after a byte-plane shuffle (byte j of every element together: exposes the fp16 exponent bytes' redundancy).
 Prints one markdown row per array and codec: bytes, ratio to raw, decode MB/s (decompressed bytes / best of
@@ -76,6 +76,7 @@ def arrays_of(store: Path, k: int) -> dict[str, np.ndarray]:
         QuantConfig("mr", k=k),
         QuantConfig("mrq", k=k, params={"bits": 8}),
         QuantConfig("mrq", k=k, params={"bits": 4}),
+        QuantConfig("mrq", k=k, params={"bits": 4, "index": "rank"}),
     ):
         for name, a in encode(z, cfg).items():
             out[f"label:{cfg.tag} {name}"] = a
