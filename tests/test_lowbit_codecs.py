@@ -35,11 +35,12 @@ def test_pack4_round_trips_every_pair_and_odd_lengths():
 
 
 def test_fp16_ceil_is_the_smallest_fp16_not_below():
-    x = torch.rand(10000) * 50
+    x = torch.cat([torch.rand(10000) * 50, torch.rand(1000) * 1e-6, torch.tensor([0.0, 1.0, 65504.0, 7e4])])
     h = fp16_ceil(x)
-    assert h.dtype == torch.float16 and (h.float() >= x).all()
-    below = torch.nextafter(h, torch.zeros_like(h)).float()
-    assert (below < x).all()
+    assert h.dtype == torch.float16 and (h.float() >= x.clamp(max=65504)).all()
+    below = torch.nextafter(h, torch.zeros_like(h)).float()  # the fp16 just below (the reference, on the CPU)
+    assert ((below < x) | (h == 0)).all()
+    assert h[-4:].tolist() == [0.0, 1.0, 65504.0, 65504.0]
 
 
 def test_compact_index_dtype():

@@ -55,10 +55,14 @@ def packed_len(n: int, bits: int) -> int:
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest fp16 value >= x (x: float32, clamped to the fp16 range)."""
-    x = x.float().clamp(-FP16_MAX, FP16_MAX)
+    """The smallest fp16 value >= x for x >= 0 (float32, clamped to [0, 65504]).
+
+    Rounded to nearest first; where that fell below x, the next fp16 up is the bit pattern + 1 (non-negative
+    fp16 values order like their int16 patterns), which works on every device and dtype backend.
+    """
+    x = x.float().clamp(0.0, FP16_MAX)
     h = x.half()
-    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    up = (h.view(torch.int16) + 1).view(torch.float16)
     return torch.where(h.float() < x, up, h)
 
 
