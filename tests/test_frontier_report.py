@@ -114,12 +114,13 @@ def test_frontier_rows_and_markdown():
     assert rows == sorted(rows, key=lambda r: (r["total"], r["method"], -r["top1"]))
     md = frontier_markdown(rows)
     line = [ln for ln in md.splitlines() if ln.startswith("| lpld | 10 | 10x | mr10 | soft")][0]
-    assert (
-        line
-        == "| lpld | 10 | 10x | mr10 | soft | 73.1 | 19.0 | 11.0 | 0.0 | 103.1 | 62.0 ± 2.8 | +12.0 | +40.0 | 21.3 |"
+    # parts in kB, total, (no seed estimate without a store), top-1 mean ± std, IOR, HLR, LRS
+    assert line == (
+        "| lpld | 10 | 10x | mr10 | soft | 73.1 | 19.0 | 11.0 | 0.0 | 103.1 |  | 62.0 ± 2.8 | +12.0 | +40.0 | 21.3 |"
     )
     hard = [ln for ln in md.splitlines() if ln.startswith("| lpld | 10 | 10x | mr10 | hard")][0]
     assert "| 0.0 | 11.0 |" in hard and hard.endswith("| 40.0 |  | +40.0 |  |")
+    assert lpld["records_seed"] is None  # no store_dir in these records
 
 
 def test_pareto_x_is_the_honest_total_and_hard_rows_keep_their_marker():
@@ -155,7 +156,7 @@ def test_report_stage_writes_the_frontier_table(tmp_path):
     md = (res.parent / "reports" / "frontier" / "frontier.md").read_text()
     # HLR from the configured real-hard accuracy: 0.90 - 0.40; a = 0.06 - 0.25 = -0.19
     lrs = 100 * (math.exp(-0.19) - math.exp(-1)) / (math.e - math.exp(-1))
-    assert f"| 62.0 ± 2.8 | +12.0 | +50.0 | {lrs:.1f} |" in md
+    assert f"|  | 62.0 ± 2.8 | +12.0 | +50.0 | {lrs:.1f} |" in md
 
 
 def test_model_bytes_by_hand():
@@ -196,3 +197,32 @@ def test_records_from_before_the_labels_field():
     assert s.hlr == pytest.approx(0.27) and s.ior is None
     kinds = sorted(r["label_kind"] for r in frontier_rows([old_soft, old_hard]))
     assert kinds == ["hard", "soft"]
+
+
+def test_seed_record_bytes_match_a_seed_store(tmp_path):
+    """The records a row would need with record=seed, predicted from its explicit store, equal a real seed store's."""
+    import torch
+
+    from lpld.core.augment import AugConfig
+    from lpld.core.label_store import StoreSpec, finalize, prepare
+    from lpld.core.quant import QuantConfig
+    from lpld.core.relabel import generate
+    from lpld.report.accounting import seed_record_bytes
+
+    n, c, hw = 20, 6, 10
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * hw * hw, c)).eval()
+    images = torch.randn(n, 3, hw, hw)
+    accs = {}
+    for mode in ("explicit", "seed"):
+        q = QuantConfig("mrq", k=3, params={"bits": 4})
+        spec = StoreSpec(n, c, (hw, hw), 8, 3, "1x", 0.0, "batch", q, AugConfig(out_size=hw, mix="cutmix"), mode, 2)
+        path = tmp_path / mode
+        prepare(path, spec, {"images_fingerprint": "i", "teacher_fingerprint": "t"})
+        generate(path, teacher, images)
+        accs[mode] = (path, finalize(path))
+    path, man = accs["explicit"]
+    row = {"store_dir": str(path), "pool_batches": man["num_batches"]}
+    seed_man = accs["seed"][1]
+    assert seed_record_bytes(row) == seed_man["accounting"]["records_bytes"] < man["accounting"]["records_bytes"]
+    assert seed_record_bytes({"store_dir": str(tmp_path / "gone"), "pool_batches": 3}) is None
+    assert seed_record_bytes({}) is None

@@ -62,6 +62,30 @@ def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
     return parts
 
 
+def seed_record_bytes(record: Mapping[str, Any]) -> int | None:
+    """The row's record bytes had its store been written with ``record=seed`` (issue 21: the bytes replay saves).
+
+    Seed mode keeps one uint64 seed per stored batch (plus the batch index and CRCs) and regenerates the image
+    order and every augmentation parameter bit for bit (``lpld.core.augment``); its records depend only on the
+    number of pooled batches M (``pool_batches``) and the store's spec (read from ``store_dir``/manifest.json).
+    None when the record lacks them or the store is gone.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from lpld.core.label_store import StoreSpec, accounting, array_layout
+
+    store_dir, m = record.get("store_dir"), record.get("pool_batches")
+    man_path = Path(str(store_dir)) / "manifest.json" if store_dir else None
+    if m is None or man_path is None or not man_path.is_file():
+        return None
+    man = json.loads(man_path.read_text())
+    spec = StoreSpec.from_dict((man.get("identity") or {}).get("spec") or man)
+    seed = dataclasses.replace(spec, record_mode="seed")
+    return int(accounting(array_layout(seed, int(m), 1))["records_bytes"])  # no per-row record in seed mode
+
+
 def derived_field(record: Mapping[str, Any], name: str) -> int:
     """The value of a derived ``bytes_<part>`` field (KeyError when the record lacks what it needs)."""
     if name not in FIELDS:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lpld.report.accounting import PARTS, byte_parts, is_hard
+from lpld.report.accounting import PARTS, byte_parts, is_hard, seed_record_bytes
 from lpld.report.ddranking import DEFAULT_W, scores_from_records
 from lpld.report.table import ReportError, _identity, display, get_field, natural_key
 
@@ -23,7 +23,7 @@ def frontier_rows(
     """One dict per run configuration (identity fields; seeds averaged), sorted by total bytes.
 
     Each holds method, ipc, prune, quant, label_kind (soft / hard), the mean bytes of each part (images, labels,
-    records, model) and ``total``,
+    records, model) and ``total``, ``records_seed`` (the records with ``record=seed``, or None),
     ``<value>`` mean and std (ddof 1) over ``n`` seeds, and ``ior`` / ``hlr`` / ``lrs`` (None where a reference
     row is missing). Accuracies are fractions, as the records store them.
     """
@@ -41,6 +41,7 @@ def frontier_rows(
             raise ReportError(f"a results record lacks '{e.args[0]}' needed for the byte table") from None
         first = rows[0]
         s = scores_from_records(recs, first, value=value, real_hard=real_hard, w=w)
+        seeded = [seed_record_bytes(r) for r in rows]
         row: dict[str, Any] = {
             "method": display(get_field(first, "method", "?")),
             "ipc": display(get_field(first, "ipc", "?")),
@@ -51,6 +52,8 @@ def frontier_rows(
             value: float(acc.mean()),
             f"{value}_std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
             "n": int(acc.size),
+            # records if seed-replayed (None: store or pool size unknown)
+            "records_seed": float(np.mean(seeded)) if all(v is not None for v in seeded) else None,
             "ior": s.ior,
             "hlr": s.hlr,
             "lrs": s.lrs,
@@ -72,23 +75,25 @@ def frontier_markdown(rows: list[dict[str, Any]], value: str = "top1", title: st
     """Markdown: bytes by part (kB = 1000 B) and total, accuracy in % (mean ± std), IOR / HLR in points, LRS %."""
     head = (
         f"| method | ipc | prune | quant | labels | images kB | labels kB | records kB | model kB | total kB | "
-        f"{value} % | IOR | HLR | LRS % |"
+        f"records kB if seed-replayed | {value} % | IOR | HLR | LRS % |"
     )
     lines = [f"### {title}", ""] if title else []
     lines += [
-        "Bytes: images as stored + label arrays + augmentation records + any model run at train time; "
+        "Bytes: images as stored + label arrays + augmentation records + any model run at train time (records if "
+        "seed-replayed: one seed per batch, bit-exact replay); "
         f"{value} mean ± std over n seeds; IOR / HLR in accuracy points, LRS = (e^a - e^-1)/(e - e^-1), "
         "a = 0.5 IOR - 0.5 HLR on fractions (DD-Ranking); blank where a reference row is missing.",
         "",
         head,
-        "|---" * 14 + "|",
+        "|---" * 15 + "|",
     ]
     for r in rows:
         acc = f"{100 * r[value]:.1f}" + (f" ± {100 * r[f'{value}_std']:.1f}" if r["n"] > 1 else "")
         lrs = "" if r["lrs"] is None else f"{100 * r['lrs']:.1f}"
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r['prune']} | {r['quant']} | {r['label_kind']} | {_kb(r['images'])} | "
-            f"{_kb(r['labels'])} | {_kb(r['records'])} | {_kb(r['model'])} | {_kb(r['total'])} | {acc} | "
+            f"{_kb(r['labels'])} | {_kb(r['records'])} | {_kb(r['model'])} | {_kb(r['total'])} | "
+            f"{'' if r['records_seed'] is None else _kb(r['records_seed'])} | {acc} | "
             f"{_pts(r['ior'])} | {_pts(r['hlr'])} | {lrs} |"
         )
     return "\n".join(lines) + "\n"
