@@ -8,7 +8,7 @@ A row's bytes are four parts:
   are the images' classes, implied by their order: ``labels == "hard"``, or ``student.loss == "ce"`` in older
   records);
 * ``records``: the augmentation records it replays (``label_bytes - label_only_bytes``: crops, flips, CutMix
-  partners and boxes, or one seed per batch with ``record=seed``, plus the store's index and checksums);
+  partners and boxes, or one seed per batch with ``relabel.record_mode=seed``, plus the store's index and checksums);
 * ``model``: any network the student runs at train time (``model_bytes``: an online teacher, a label generator);
   0 for a student that reads stored labels.
 
@@ -63,7 +63,7 @@ def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
 
 
 def seed_record_bytes(record: Mapping[str, Any]) -> int | None:
-    """The row's record bytes had its store been written with ``record=seed`` (issue 21: the bytes replay saves).
+    """The row's record bytes had its store been written with ``relabel.record_mode=seed`` (issue 21: the bytes replay saves).
 
     Seed mode keeps one uint64 seed per stored batch (plus the batch index and CRCs) and regenerates the image
     order and every augmentation parameter bit for bit (``lpld.core.augment``); its records depend only on the

@@ -23,7 +23,7 @@ def frontier_rows(
     """One dict per run configuration (identity fields; seeds averaged), sorted by total bytes.
 
     Each holds method, ipc, prune, quant, label_kind (soft / hard), the mean bytes of each part (images, labels,
-    records, model) and ``total``, ``records_seed`` (the records with ``record=seed``, or None),
+    records, model) and ``total``, ``records_seed`` (the records with ``relabel.record_mode=seed``, or None),
     ``<value>`` mean and std (ddof 1) over ``n`` seeds, and ``ior`` / ``hlr`` / ``lrs`` (None where a reference
     row is missing). Accuracies are fractions, as the records store them.
     """
