@@ -63,7 +63,7 @@ def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
 
 
 def seed_record_bytes(record: Mapping[str, Any]) -> int | None:
-    """The row's record bytes had its store been written with ``relabel.record_mode=seed`` (issue 21: the bytes replay saves).
+    """The row's record bytes had its store used ``relabel.record_mode=seed`` (issue 21: what replay saves).
 
     Seed mode keeps one uint64 seed per stored batch (plus the batch index and CRCs) and regenerates the image
     order and every augmentation parameter bit for bit (``lpld.core.augment``); its records depend only on the
