@@ -15,10 +15,9 @@ from lpld.core.relabel import generate
 N, C, HW, B = 40, 10, 12, 8
 
 
-def _store(tmp_path, quant: QuantConfig):
-    spec = StoreSpec(
-        N, C, (HW, HW), B, 3, "1x", 0.0, "batch", quant, AugConfig(out_size=HW, mix="cutmix"), "explicit", 1
-    )
+def _store(tmp_path, quant: QuantConfig, record: str = "explicit"):
+    aug = AugConfig(out_size=HW, mix="cutmix")
+    spec = StoreSpec(N, C, (HW, HW), B, 3, "1x", 0.0, "batch", quant, aug, record, 1)
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     teacher.append(torch.nn.Linear(4, C))
@@ -37,11 +36,18 @@ def test_shuffle_round_trips():
 
 
 @pytest.mark.parametrize("method", ["zlib", "zstd"])
-@pytest.mark.parametrize("quant", [QuantConfig("none"), QuantConfig("mrq", k=4, params={"bits": 4})])
-def test_pack_unpack_restores_every_file_byte_for_byte(tmp_path, method, quant):
+@pytest.mark.parametrize(
+    "quant,record",
+    [
+        (QuantConfig("none"), "explicit"),
+        (QuantConfig("mrq", k=4, params={"bits": 4}), "explicit"),
+        (QuantConfig("msq", k=3, temperature=2.0, params={"index": "rank"}), "seed"),  # uint64 seeds, ranked indices
+    ],
+)
+def test_pack_unpack_restores_every_file_byte_for_byte(tmp_path, method, quant, record):
     if method == "zstd":
         pytest.importorskip("zstandard")
-    store = _store(tmp_path, quant)
+    store = _store(tmp_path, quant, record)
     info = pack(store, tmp_path / "s.lpack", method)
     files = store_files(store)
     assert info["packed_bytes"] == (tmp_path / "s.lpack").stat().st_size  # the accounting is the file
