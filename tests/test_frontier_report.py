@@ -226,3 +226,21 @@ def test_seed_record_bytes_match_a_seed_store(tmp_path):
     assert seed_record_bytes(row) == seed_man["accounting"]["records_bytes"] < man["accounting"]["records_bytes"]
     assert seed_record_bytes({"store_dir": str(tmp_path / "gone"), "pool_batches": 3}) is None
     assert seed_record_bytes({}) is None
+
+
+def test_lrs_averages_rounds_paired_by_seed_as_dd_ranking():
+    """Seeds 0 and 1 in all three rows: LRS is the mean of the per-seed LRS (DD-Ranking's rounds), not LRS(means)."""
+    recs = [
+        rec("lpld", 0.60, seed=0),
+        rec("lpld", 0.64, seed=1),
+        rec("random_real", 0.50, seed=0),
+        rec("random_real", 0.46, seed=1),
+        rec("lpld", 0.40, seed=0, labels="hard"),
+        rec("lpld", 0.44, seed=1, labels="hard"),
+    ]
+    s = scores_from_records(recs, recs[0], real_hard=0.80)
+    assert s.ior == pytest.approx(0.14) and s.hlr == pytest.approx(0.38)  # linear: the means either way
+    # seed 0: a = 0.05 - 0.20 = -0.15; seed 1: a = 0.09 - 0.18 = -0.09 (e^-0.15 = 0.860708, e^-0.09 = 0.913931)
+    f = [(0.860708 - 0.3678794) / (2.7182818 - 0.3678794), (0.913931 - 0.3678794) / (2.7182818 - 0.3678794)]
+    assert s.lrs == pytest.approx(sum(f) / 2, abs=1e-6)
+    assert abs(s.lrs - label_robust_score(0.14, 0.38)) > 1e-4  # differs from the LRS of the means

@@ -10,8 +10,9 @@ With accuracies as *fractions* in [0, 1]:
 a lies in [-1, 1] when the accuracies are fractions, so LRS lies in [0, 1] (DD-Ranking's docs print it x 100%).
 DD-Ranking's code applies the same expression to accuracies in percent, where e^a is no longer normalised; we
 follow the documented definition (fractions), which is the one whose normalisation holds. DD-Ranking averages
-the per-round LRS over its evaluation rounds; :func:`scores_from_records` computes it from the seed means of the
-rows (for |a| <= 0.3, as on CIFAR-10, the two differ by < 0.1 LRS point per 10 points of seed spread).
+the per-round LRS over its evaluation rounds: :func:`scores_from_records` does the same, pairing rounds by seed,
+when the method, random-real and hard rows share the same seeds; otherwise it scores the seed means (IOR and HLR
+are linear, so their means are the same either way).
 
 In the results records: the method row is any record; its random-real row has ``method == "random_real"`` and
 every other identity field equal (same label recipe: prune, quant, metric, student, epochs); its hard row is the
@@ -110,34 +111,35 @@ def scores_from_records(
         return DDRankingScores(None, None, None)
     img, recipe = _key(row, IMAGE_FIELDS), _key(row, RECIPE_FIELDS)
     hard = _is_hard(row)
-    own = [
-        _acc(r, value)
+    own_rows = [
+        r
         for r in recs
         if get_field(r, "method", None) == method
         and _key(r, IMAGE_FIELDS) == img
         and _key(r, RECIPE_FIELDS) == recipe
         and _is_hard(r) == hard
     ]
-    rand = [
-        _acc(r, value)
+    rand_rows = [
+        r
         for r in recs
         if get_field(r, "method", None) == RANDOM_METHOD
         and _key(r, IMAGE_FIELDS) == img
         and _key(r, RECIPE_FIELDS) == recipe
         and _is_hard(r) == hard
     ]
-    acc = _mean(own)
-    acc_rand = _mean(rand)
+    acc = _mean([_acc(r, value) for r in own_rows])
+    acc_rand = _mean([_acc(r, value) for r in rand_rows])
     ior = improvement_over_random(acc, acc_rand) if acc is not None and acc_rand is not None else None
     # the method's images with hard labels: the hard row itself, else a hard row of the same images
     if hard:
-        acc_hard = acc
+        used_hard = own_rows
     else:
         hard_rows = [
             r for r in recs if get_field(r, "method", None) == method and _key(r, IMAGE_FIELDS) == img and _is_hard(r)
         ]
         same = [r for r in hard_rows if _key(r, ("prune", "epochs")) == _key(row, ("prune", "epochs"))]
-        acc_hard = _mean([_acc(r, value) for r in (same or hard_rows)])
+        used_hard = same or hard_rows
+    acc_hard = _mean([_acc(r, value) for r in used_hard])
     if real_hard is None:
         real_key = _key(row, ("dataset", "student_model"))
         real_hard = _mean(
@@ -149,5 +151,39 @@ def scores_from_records(
             ]
         )
     hlr = hard_label_recovery(real_hard, acc_hard) if real_hard is not None and acc_hard is not None else None
-    lrs = label_robust_score(ior, hlr, w) if ior is not None and hlr is not None else None
+    lrs = None
+    if ior is not None and hlr is not None:
+        per_seed = _per_seed_lrs(own_rows, rand_rows, used_hard, float(real_hard), value, w)
+        lrs = per_seed if per_seed is not None else label_robust_score(ior, hlr, w)
     return DDRankingScores(ior, hlr, lrs)
+
+
+def _seed_map(rows: list[Mapping[str, Any]], value: str) -> dict[str, float] | None:
+    """seed -> accuracy, or None when a seed repeats (then the rows cannot be paired by seed)."""
+    out: dict[str, float] = {}
+    for r in rows:
+        seed = str(get_field(r, "seed", None))
+        if seed in out:
+            return None
+        out[seed] = _acc(r, value)
+    return out
+
+
+def _per_seed_lrs(
+    own: list[Mapping[str, Any]],
+    rand: list[Mapping[str, Any]],
+    hard: list[Mapping[str, Any]],
+    real_hard: float,
+    value: str,
+    w: float,
+) -> float | None:
+    """DD-Ranking's average of the per-round LRS, pairing rounds by seed, when the three row sets share the same
+    seeds (each once); else None (the caller scores the seed means)."""
+    maps = [_seed_map(rows, value) for rows in (own, rand, hard)]
+    if any(m is None for m in maps) or not (set(maps[0]) == set(maps[1]) == set(maps[2])) or not maps[0]:
+        return None
+    a, r, h = maps
+    scores = [
+        label_robust_score(improvement_over_random(a[s], r[s]), hard_label_recovery(real_hard, h[s]), w) for s in a
+    ]
+    return float(np.mean(scores))
