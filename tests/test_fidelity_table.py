@@ -181,6 +181,8 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "student.table8.scheduler": ([*T8, *ST], _student, "scheduler", "smooth_cosine"),
     "student.table8.rrc_scale": ([*T8, *RL], _aug, "rrc_scale", [0.5, 1.0]),
     "student.table8.batch_size": ([*T8, *RL], _aug, "batch_size", 100),
+    "student.gift.loss": (["dataset=cifar10_jpg", "student=gift", *ST], _student, "loss", "gift"),
+    "student.gift.gamma": (["dataset=cifar10_jpg", "student=gift", *ST], _student, "gamma", 0.1),
     "relabel.table8.shuffle_patches": ([*T8, *RL], _aug, "shuffle_patches", 2),
     "relabel.in1k.shuffle_patches": (["dataset=in1k", *RL], _aug, "shuffle_patches", 0),
     "squeeze.tiny.lr": (["dataset=tiny", "stage=squeeze"], _squeeze, "lr", 0.2),

@@ -283,6 +283,9 @@ class ReportStage:
     pareto: bool = True  # also draw top-1 vs total storage
     pareto_group: str = "method"  # one colour per value of this field
     out_dir: str | None = None  # null = <results folder>/reports/<results file stem, or "all">
+    # DD-Ranking's HLR needs acc(full real training set, hard labels) as a fraction: null = the mean of the
+    # records with method full_real (frontier.md leaves HLR / LRS blank without either)
+    real_hard_top1: float | None = None
 
 
 @dataclass

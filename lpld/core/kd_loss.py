@@ -21,6 +21,9 @@ which loss is active.
   At T = 20 its gradient is ~1e-7 against ~1e-2 for the CE term, so it trains on hard labels.
 * ``ce``: cross-entropy of the raw logits on hard labels, the no-soft-label baseline. With
   CutMix the loss mixes the two images' labels with the stored area share lambda.
+* ``gift`` (GIFT, LINs-lab/GIFT ``validate/losses_benchmark.py``, criterion ``gift``): 1 - mean cosine between the
+  student's raw logits and t / |t| + w s / |s|, t the teacher's logits, s the image's label smoothed with
+  alpha = 0.1 (true class 1 - alpha, the others alpha / (C - 1)), w = ``student.gamma`` (0.1 as the official code).
 
 ``student.loss=<name>`` selects a function registered with ``@register_student_loss(name)`` that maps
 :class:`LossInputs` (one slice of a stored batch) to (loss, soft target or None); ``get_student_loss`` /
@@ -192,6 +195,50 @@ def hard_ce(
     return (lam_t * a + (1.0 - lam_t) * b).mean()
 
 
+GIFT_ALPHA = 0.1  # label smoothing of GIFT's hard label (official batch_label_smoothing(alpha=0.1))
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, alpha: float = GIFT_ALPHA) -> torch.Tensor:
+    """(B,) classes -> (B, C) labels with 1 - alpha on the class and alpha / (C - 1) on each other class."""
+    out = torch.full((labels.shape[0], num_classes), alpha / (num_classes - 1), device=labels.device)
+    return out.scatter_(1, labels.long().view(-1, 1), 1.0 - alpha)
+
+
+def gift_loss(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float = 0.1,
+    alpha: float = GIFT_ALPHA,
+    partner_labels: torch.Tensor | None = None,
+    lam: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GIFT: 1 - mean_b cos(z_b, t_b / |t_b| + w * s_b / |s_b|).
+
+    Args:
+        student_logits: (B, C) raw student outputs z.
+        teacher_values: (B, C) the teacher's logits t (GIFT), or a stored target standing in for them.
+        labels: (B,) class of each (base) image.
+        weight: w, the weight of the smoothed hard label (official 0.1).
+        alpha: label smoothing of the hard label (official 0.1).
+        partner_labels: (B,) CutMix partners' classes, or None; then s = lam s(y) + (1 - lam) s(y_partner)
+            (the official evaluation does not mix; this follows ``hard_ce``'s convention).
+        lam: CutMix area share of the base image, with ``partner_labels``.
+
+    Returns:
+        () scalar loss in [0, 2].
+    """
+    z = student_logits.float()
+    s = smoothed_one_hot(labels, z.shape[1], alpha).to(z.device)
+    if partner_labels is not None:
+        if lam is None:
+            raise ValueError("gift_loss with partner_labels needs lam (the CutMix area share)")
+        lam_t = torch.as_tensor(lam, dtype=z.dtype, device=z.device).reshape(-1, 1)
+        s = lam_t * s + (1.0 - lam_t) * smoothed_one_hot(partner_labels, z.shape[1], alpha).to(z.device)
+    target = F.normalize(teacher_values.float(), dim=1) + weight * F.normalize(s, dim=1)
+    return 1.0 - F.cosine_similarity(z, target, dim=1).mean()
+
+
 # ------------------------------------------------------------------------------------------ registry
 @dataclass
 class LossInputs:
@@ -267,6 +314,15 @@ def _ce(b: LossInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
     if b.quant_mode == "hard":  # the teacher's label of the augmented (mixed) image
         return hard_ce(b.logits, b.stored.hard[b.rows].long(), label_smoothing=b.label_smoothing), None
     return hard_ce(b.logits, b.labels, b.partner, b.lam, b.label_smoothing), None
+
+
+@register_student_loss("gift")
+def _gift(b: LossInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # the teacher's logits where the store keeps them (quant=none, as GIFT); otherwise the decoded target at T
+    logits = getattr(b.stored, "logits", None) if b.quant_mode == "none" else None
+    teacher = logits[b.rows] if logits is not None else b.target()
+    weight = float(b.options.get("gamma", 0.1))
+    return gift_loss(b.logits, teacher, b.labels, weight, GIFT_ALPHA, b.partner, b.lam), None
 
 
 LOSSES = tuple(list_student_losses())  # the built-in losses (kept for older imports; the registry is the truth)

@@ -479,3 +479,7 @@ def decode(
     if tg is not None:
         cfg = replace(cfg, temperature=float(tg))
     return codec.decode(stored_arrays(stored, cfg, num_classes), cfg, temperature, num_classes)
+
+
+# codecs below fp16 top-k (mrq / msq), registered after the built-ins so that QUANT_MODES keeps its four modes
+import lpld.core.quant_lowbit  # noqa: E402,F401

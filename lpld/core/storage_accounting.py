@@ -108,3 +108,20 @@ def format_table(rows: list[tuple[str, int]], title: str) -> str:
     tot = sum(v for _, v in rows)
     lines.append(f"{'total':<{width}} {tot:>16,d} {tot / 1e6:>12.3f} {tot / GIB:>10.4f}")
     return "\n".join(lines)
+
+
+def model_bytes(model: Any, float_dtype: Any = None) -> int:
+    """Bytes of a network a student runs at train time (an online teacher, a label generator; issue 21).
+
+    Every parameter and buffer of ``model`` (an ``nn.Module`` or a state dict) at its own dtype, or with floating
+    tensors at ``float_dtype`` (e.g. ``torch.float16``: the teacher shipped in fp16); integer buffers keep theirs.
+    Container overhead (file headers, names) is not counted.
+    """
+    import torch
+
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    total = 0
+    for t in state.values():
+        size = torch.empty((), dtype=float_dtype).element_size() if float_dtype and t.is_floating_point() else None
+        total += t.numel() * (size or t.element_size())
+    return int(total)

@@ -1,4 +1,7 @@
-"""Accuracy versus total storage (images + labels) with the Pareto front: LPLD Fig. 1 / Table 3's trade-off.
+"""Accuracy versus total storage with the Pareto front: LPLD Fig. 1 / Table 3's trade-off.
+
+Storage is byte-honest (issue 21, ``lpld.report.accounting``): images as stored + label arrays + augmentation
+records + any model the student runs at train time; x is log scale.
 
 Each plotted point is one run configuration with its seeds averaged. Colour = method, marker = label
 format (soft: full logits; quant: top-k mr/ms; hard: argmax only); the text beside a point names what
@@ -82,7 +85,7 @@ def _json_value(canonical: str | None) -> Any:
 def pareto_points(
     records: Iterable[Mapping[str, Any]],
     value: str = "top1",
-    storage: str = "total_bytes",
+    storage: str = "bytes_total",
     group: str = "method",
     label_fields: Sequence[str] = ("ipc", "prune", "quant"),
 ) -> list[ParetoPoint]:
@@ -182,7 +185,7 @@ def pareto_figure(
     ax.step(fx, fy, where="post", color="k", lw=1, alpha=0.6)
     if min(p.storage for p in points) > 0:
         ax.set_xscale("log")
-    ax.set_xlabel("total storage: images + labels (bytes)")
+    ax.set_xlabel("total bytes: images as stored + labels + augmentation records + train-time model")
     ax.set_ylabel(value)
     ax.grid(True, alpha=0.3)
     if title:

@@ -49,7 +49,8 @@ class ReportError(ValueError):
 def get_field(record: Mapping[str, Any], name: str, default: Any = _MISSING) -> Any:
     """Value of ``name`` in a record: flat key, dotted path, or dotted path inside ``record['config']``.
 
-    Derived field ``total_bytes`` = image_bytes + label_bytes when not stored.
+    Derived fields when not stored: ``total_bytes`` = image_bytes + label_bytes; ``bytes_images`` /
+    ``bytes_labels`` / ``bytes_records`` / ``bytes_model`` / ``bytes_total`` (``lpld.report.accounting``).
 
     Raises:
         KeyError: if absent and no default is given.
@@ -68,6 +69,13 @@ def get_field(record: Mapping[str, Any], name: str, default: Any = _MISSING) -> 
             return node
     if name == "total_bytes" and "image_bytes" in record and "label_bytes" in record:
         return float(record["image_bytes"]) + float(record["label_bytes"])
+    if name.startswith("bytes_"):
+        from lpld.report.accounting import derived_field
+
+        try:
+            return derived_field(record, name)
+        except KeyError:
+            pass
     if default is _MISSING:
         raise KeyError(name)
     return default

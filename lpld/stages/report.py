@@ -1,7 +1,8 @@
 """stage=report: results records -> the paper's table shape + a Pareto plot (top-1 vs total storage).
 
 Reads records written by the student stage (``lpld.report.records.load_records``), pivots them with
-``lpld.report`` and writes ``report.md``, ``report.csv``, ``report_long.csv`` and ``pareto.png``
+``lpld.report`` and writes ``report.md``, ``report.csv``, ``report_long.csv``, ``frontier.md`` and ``bytes.png``
+(bytes by part, DD-Ranking scores: ``lpld.report.frontier``) and ``pareto.png``
 to ``stage.out_dir`` (default ``<results folder>/reports/<file stem or "all">``). The reports are views of
 the records, so rewriting them on a rerun is intended (logged). With a logger the table goes to W&B as a
 ``wandb.Table`` and the plot as a uint8 image.
@@ -20,6 +21,7 @@ from lpld.config.frozen import Experiment, to_plain
 from lpld.core.io import atomic_write_bytes
 from lpld.errors import ArtifactError, ConfigError
 from lpld.lit.display import log_images_uint8
+from lpld.report.frontier import write_frontier
 from lpld.report.pareto import pareto_plot, pareto_points
 from lpld.report.records import REQUIRED_FIELDS, load_records
 from lpld.report.table import ReportError, filter_records, pivot, to_csv, to_long_csv, to_markdown
@@ -111,6 +113,10 @@ def run(exp: Experiment) -> dict[str, Any]:
     atomic_write_bytes(out / "report.md", md.encode())
     atomic_write_bytes(out / "report.csv", to_csv(table, digits, scale, ddof).encode())
     atomic_write_bytes(out / "report_long.csv", to_long_csv(table, scale, ddof).encode())
+    try:  # issue 21: bytes by part (images, labels, records, model) and DD-Ranking's IOR / HLR / LRS
+        write_frontier(filter_records(records, where), out, value, title, st.get("real_hard_top1"))
+    except ReportError as e:
+        log.warning("report: no frontier.md: %s", e)
     print(md)
     rgb = None
     if bool(st.get("pareto", True)):
