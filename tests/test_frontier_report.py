@@ -131,7 +131,7 @@ def test_pareto_x_is_the_honest_total_and_hard_rows_keep_their_marker():
 
 
 def test_report_stage_writes_the_frontier_table(tmp_path):
-    from conftest import compose_cfg
+    from conftest import compose_cfg, frozen
     from omegaconf import OmegaConf
 
     from lpld.report.records import append_record
@@ -142,7 +142,7 @@ def test_report_stage_writes_the_frontier_table(tmp_path):
         extra = {"config": {}, "top5": 1.0, "compression_vs_1x": 1.0, "wall_time_s": 1.0, "run_key": f"r{i}"}
         append_record(res, dict(r, **extra))
     ov = ["stage=report", "stage.rows=[method,quant]", "stage.cols=[labels,prune]", "stage.real_hard_top1=0.9"]
-    stage = compose_cfg(ov)
+    stage = compose_cfg(ov, raw=True)
     cfg = OmegaConf.create(
         {
             "dataset": {"name": "demo"},
@@ -152,7 +152,7 @@ def test_report_stage_writes_the_frontier_table(tmp_path):
         }
     )
     cfg.stage.results = str(res)
-    report.run(cfg)
+    report.run(frozen(cfg))
     md = (res.parent / "reports" / "frontier" / "frontier.md").read_text()
     # HLR from the configured real-hard accuracy: 0.90 - 0.40; a = 0.06 - 0.25 = -0.19
     lrs = 100 * (math.exp(-0.19) - math.exp(-1)) / (math.e - math.exp(-1))
