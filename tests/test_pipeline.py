@@ -76,3 +76,22 @@ def test_full_default_job(tmp_path):
     soft = [x for x in recs if x["method"] == "lpld" and x["prune"]["name"] == "1x" and loss_of(x) != "ce"]
     hard = [x for x in recs if x["method"] == "lpld" and loss_of(x) == "ce"]
     assert soft and hard and soft[-1]["top1"] > hard[-1]["top1"]
+
+
+def test_the_pipelines_results_file_is_keyed_by_its_config(tmp_path):
+    """Issue 19: a smoke run with other epochs and the real run appended to one results file and the report then
+    refused the mix; now each config has its own file, while seeds and a multirun's grid axes (prune, recover) share
+    one (so its report aggregates seeds and tabulates the grid)."""
+    from conftest import compose_cfg
+
+    from lpld.artifacts.results import pipeline_name
+
+    def name(*ov):
+        return pipeline_name(compose_cfg(["stage=pipeline", f"paths.root={tmp_path}", *ov]))
+
+    base = name()
+    assert base.startswith("pipeline_convnet_ipc10_") and base == name()
+    assert name("relabel.epochs=2") != base and name("recover.iterations=5") != base and name("ipc=3") != base
+    assert name("seed=1") == base and name("prune=10x") == base and name("recover=sre2l") == base
+    assert name("logger=none") == base and name("trainer.num_workers=3") == base  # where / how it logs: not results
+    assert name("stage.results_name=mine") == "mine"

@@ -131,7 +131,7 @@ def test_pipeline_group_is_one_per_invocation(tmp_path):
     cfg = compose_cfg(["stage=pipeline", f"paths.root={tmp_path}", "logger=wandb"])
     base = Pipeline(cfg, base=[]).base
     (group,) = [o.split("=", 1)[1] for o in base if o.startswith("logger.group=")]
-    assert re.fullmatch(r"pipeline_convnet_ipc10-\d{8}-\d{6}", group)
+    assert re.fullmatch(r"pipeline_convnet_ipc10_[0-9a-f]{8}-\d{8}-\d{6}", group)
 
 
 def test_names_are_unique_across_a_pipelines_plan(tmp_path, monkeypatch):

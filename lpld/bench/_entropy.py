@@ -3,9 +3,10 @@
     python -m lpld.bench._entropy <label store dir> [--k 5] [--repeat 20] [--also <more store dirs>]
 
 Reads a store written with ``quant=none`` (the full fp16 logits of a real teacher), re-encodes its logits with
-the top-k codecs (mr fp16 + uint16, mrq 8 / 4 bit + uint8 indices, mrq 4 bit + ranked indices) and compresses every array -- labels and the
-augmentation records -- whole, as one ``.npy`` payload: raw, zlib level 6 and 9, zstd level 3 and 19, each also
-after a byte-plane shuffle (byte j of every element together: exposes the fp16 exponent bytes' redundancy).
+the top-k codecs (mr fp16 + uint16, mrq 8 / 4 bit + uint8 indices, mrq 4 bit + ranked indices) and compresses
+every array -- labels and the augmentation records -- whole, as one ``.npy`` payload: raw, zlib level 6 and 9,
+zstd level 3 and 19, each also after a byte-plane shuffle (byte j of every element together: exposes the fp16
+exponent bytes' redundancy).
 Prints one markdown row per array and codec: bytes, ratio to raw, decode MB/s (decompressed bytes / best of
 ``repeat`` decodes). Then packs each store whole (``lpld.core.label_store.pack``, both methods) and times the
 unpack. zstandard is optional here (``pip install zstandard``); without it only zlib is measured.

@@ -44,12 +44,16 @@ def _sweep_dir(config: DictConfig | None) -> Path | None:
 def results_file(cfg: DictConfig) -> Path | None:
     """The results file a job of this config writes (student, pipeline), else None."""
     from lpld.artifacts import results
+    from lpld.config.experiment import freeze
 
     stage = str(cfg.stage.get("name")) if cfg.get("stage") is not None else ""
+    if stage not in ("student", "pipeline"):
+        return None
+    exp = freeze(cfg)  # the artifact modules read the frozen experiment, as in the job itself
     if stage == "student":
-        return results.path(cfg)
-    if stage == "pipeline" and not bool(cfg.stage.get("report", True)):  # a reporting pipeline made its table
-        return results.path(cfg, results.pipeline_name(cfg))
+        return results.path(exp)
+    if not bool(exp.stage.get("report", True)):  # a reporting pipeline made its table
+        return results.path(exp, results.pipeline_name(exp))
     return None
 
 
