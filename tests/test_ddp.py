@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import compose_cfg
+from conftest import compose_cfg, tiny_overrides, write_image_tree
 
 from lpld import dist
 
@@ -188,3 +188,37 @@ def test_decide_over_two_gloo_processes(tmp_path):
     assert r0["calls"] == [0] and r1["calls"] == []
     assert r0["err"] == r1["err"] == "rank 0 refused: set stage.overwrite=true"
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+
+
+def test_plan_covers_squeeze_stats_and_recover(tmp_path):
+    """Issue 19: stage=plan covers every stage. The teacher stages' rows per rank are the recipe's global batch
+    split over the ranks; the statistics file size is what stage=stats really writes; recover's device batches are
+    the ones the recover stage plans."""
+    import torch
+
+    from lpld.artifacts import stats as stats_artifact
+    from lpld.stages import plan, run_stage
+
+    p = plan.plan(compose_cfg([f"paths.root={tmp_path}", "dataset=in1k", "ipc=50", "stage=plan"]), world=8)
+    assert p["squeeze"]["global_batch"] == 256 and p["squeeze"]["rows_per_rank"] == 32
+    assert p["stats"]["rows_per_rank"] == 32
+    # ResNet-18: 4800 BatchNorm channels; mean + variance (stored float32) for each of 1000 classes
+    assert p["stats"]["file_bytes"] == 1000 * 4800 * 2 * 4
+    # recover=lpld at ipc 50: auto classes_per_batch = 256 // 50 = 5 -> 200 device batches of 250 images
+    assert (p["recover"]["device_batches"], p["recover"]["largest_device_batch_images"]) == (200, 250)
+    assert (
+        plan.plan(compose_cfg([f"paths.root={tmp_path}", "dataset=in1k", "stage=plan"]), world=3)["squeeze"][
+            "rows_per_rank"
+        ]
+        == 86
+    )  # ceil(256 / 3)
+    # the statistics file of a real (tiny) stats run holds exactly the planned bytes of tensors
+    root = write_image_tree(tmp_path / "data", n_classes=4, per_class=3)
+    ov = tiny_overrides(tmp_path, root)
+    torch.manual_seed(0)
+    run_stage(compose_cfg(["stage=squeeze", *ov, "stage.epochs=1"]))
+    run_stage(compose_cfg(["stage=stats", *ov]))
+    exp = compose_cfg(["stage=plan", *ov])
+    saved = torch.load(stats_artifact.path(exp), weights_only=True)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in [*saved["mean"], *saved["var"]])
+    assert plan.plan(exp)["stats"]["file_bytes"] == tensor_bytes

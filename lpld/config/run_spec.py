@@ -24,7 +24,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "relabel": ("recover", "relabel", "quant"),
     "student": ("recover", "relabel", "quant", "student", "metric"),
     "storage": ("relabel", "quant"),
-    "plan": ("relabel", "quant", "student"),
+    "plan": ("squeeze", "stats", "recover", "relabel", "quant", "student"),
     "analyze": (),
     "report": (),
     "pipeline": ("squeeze", "stats", "recover", "relabel", "quant", "student", "metric"),

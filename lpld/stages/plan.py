@@ -13,6 +13,8 @@ config and its world size W (``stage.world_size`` overrides the trainer preset's
   device (no data, no download, no GPU): the sum of every leaf module's output per sample (what autograd
   keeps for backward, the student) or the two largest consecutive outputs (inference, relabel), times the
   rows one rank runs at once and the bytes per element of the trainer's precision;
+* squeeze, stats and recover per rank (the teacher's training batch, the statistics pass and its file, the
+  largest device batch of images being optimised);
 * the SLURM memory request that fits: ``hydra.launcher.mem_gb`` >= tasks per node x host peak per rank.
 
 These are estimates (allocator caching and cuDNN workspaces add ~10-20% on a GPU); the store figures are exact.
@@ -145,6 +147,56 @@ def _student_plan(
     return entry, student_host
 
 
+def _teacher_plans(exp: Experiment, ds: Any, act_b: int, runtime: float, w: int) -> dict[str, dict[str, Any]]:
+    """Squeeze, stats and recover per rank, from the config alone (issue 19: ``stage=plan`` covers every stage).
+
+    squeeze: the teacher's weights, gradients and optimizer state + the training activations of the global batch's
+    ``ceil(B / W)`` rows on one rank. stats: the teacher's weights + the inference activations of one rank's rows of
+    the stats batch; the statistics file holds mean and variance (float32) of every BN channel per class.
+    recover: the largest device batch of images being optimised (fp32 images, gradient, Adam's two moments) + the
+    teacher's activations kept for the backward pass to the images (``lpld.stages.recover.device_batch_bytes``).
+    """
+    from lpld.config import recover_settings, squeeze_settings, stats_settings
+    from lpld.stages.common import to_container
+    from lpld.stages.recover import planned_device_rows
+
+    teacher = _model(to_container(exp.model), ds.num_classes, ds.channels, ds.image_size)
+    t_params = _params(teacher)
+    bn_channels = sum(m.num_features for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    t_train, t_inf = activation_bytes_per_sample(teacher, ds.channels, ds.image_size)
+    chw = ds.channels * ds.image_size**2
+    sq = squeeze_settings(exp)
+    sq_rows = -(-int(sq["batch_size"]) // w)
+    opt_state = _OPT_STATE.get(str(sq["name"]).lower(), 1)
+    squeeze = {
+        "global_batch": int(sq["batch_size"]),
+        "rows_per_rank": sq_rows,
+        "host_bytes_per_rank": int(4 * t_params + runtime),
+        "gpu_bytes_per_rank": int(4 * t_params * (2 + opt_state) + sq_rows * (chw * 4 + t_train * act_b)),
+    }
+    stt = stats_settings(exp)
+    st_rows = -(-int(stt["batch_size"]) // w)
+    stats = {
+        "mode": stt["mode"],
+        "rows_per_rank": st_rows,
+        "file_bytes": int(ds.num_classes * bn_channels * 2 * 4),  # accumulated in float64, stored as float32
+        "host_bytes_per_rank": int(4 * t_params + runtime),
+        "gpu_bytes_per_rank": int(4 * t_params + st_rows * (chw * 4 + t_inf * 4)),
+    }
+    rows, batches = planned_device_rows(exp)
+    method = str(recover_settings(exp)["name"])
+    optimising = method not in ("random_real", "rded")
+    recover = {
+        "method": method,
+        "device_batches": batches,
+        "largest_device_batch_images": rows,
+        "image_uint8_bytes": int(ds.num_classes * int(exp.ipc) * chw),
+        "host_bytes_per_rank": int(4 * t_params + runtime),
+        "gpu_bytes_per_rank": int(4 * t_params + (rows * (chw * 4 * 4 + t_train * 4) if optimising else 0)),
+    }
+    return {"squeeze": squeeze, "stats": stats, "recover": recover}
+
+
 def plan(exp: Experiment, world: int | None = None) -> dict[str, Any]:
     """The predictions for ``exp`` at world size ``world`` (None: the trainer preset's); see the module doc."""
     from lpld.artifacts import labels as labels_artifact
@@ -166,8 +218,10 @@ def plan(exp: Experiment, world: int | None = None) -> dict[str, Any]:
     runtime = float(st.get("runtime_gib", 3.0)) * GIB
     relabel, relabel_host = _relabel_plan(exp, ds, spec, img_u8, act_b, runtime)
     student, student_host = _student_plan(exp, ds, spec, img_u8, act_b, runtime, w)
+    upstream = _teacher_plans(exp, ds, act_b, runtime, w)
     tasks = int(st.get("tasks_per_node") or min(w, 8))
     return {
+        **upstream,
         "world_size": w,
         "precision": prec,
         "num_images": n,
@@ -181,7 +235,7 @@ def plan(exp: Experiment, world: int | None = None) -> dict[str, Any]:
         },
         "relabel": relabel,
         "student": student,
-        "slurm_mem_gb": int(-(-max(relabel_host, student_host) * tasks // GIB)) + 1,
+        "slurm_mem_gb": int(-(-max(relabel_host, student_host) * tasks // GIB)) + 1,  # the teacher stages hold less
         "tasks_per_node": tasks,
     }
 
@@ -193,9 +247,18 @@ def _gib(x: float) -> str:
 def run(exp: Experiment) -> dict[str, Any]:
     p = plan(exp)
     ls, rl, sd = p["label_store"], p["relabel"], p["student"]
+    sq, stt, rc = p["squeeze"], p["stats"], p["recover"]
     lines = [
         f"plan: {exp.dataset.name} ipc {exp.ipc} prune={exp.prune.name} quant={exp.quant.get('name', 'none')} "
         f"world size {p['world_size']} ({p['precision']})",
+        f"  squeeze  host per rank           {_gib(sq['host_bytes_per_rank'])}",
+        f"  squeeze  GPU per rank            {_gib(sq['gpu_bytes_per_rank'])}  "
+        f"(global batch {sq['global_batch']}, {sq['rows_per_rank']} rows per rank)",
+        f"  stats    GPU per rank            {_gib(stt['gpu_bytes_per_rank'])}  "
+        f"({stt['mode']}, {stt['rows_per_rank']} rows per rank); statistics file {_gib(stt['file_bytes'])}",
+        f"  recover  GPU per rank            {_gib(rc['gpu_bytes_per_rank'])}  "
+        f"(recover={rc['method']}: {rc['device_batches']} device batches, the largest "
+        f"{rc['largest_device_batch_images']:,d} images)",
         f"  distilled images (uint8)         {_gib(p['image_uint8_bytes'])}  ({p['num_images']:,d} images)",
         f"  label store                      {_gib(ls['bytes'])}  in {ls['files']} files "
         f"(+{p['world_size']} progress files while relabel runs), {ls['batches']:,d} stored batches",

@@ -107,6 +107,28 @@ def _check_stats(stats: dict[str, Any], teacher: torch.nn.Module, num_classes: i
         )
 
 
+def classes_per_batch(exp: Experiment, classes: list[int]) -> int:
+    """Classes optimised together in one device batch: ``recover.classes_per_batch``, or auto."""
+    cpb = _get(exp.recover, "classes_per_batch", None)
+    if cpb is None:
+        # auto: fill device batches up to max_batch_images. Small batches are overhead-bound
+        # (measured on CPU: 10-image batches of a 28 px ConvNet ran ~10x slower per image).
+        cpb = max(1, int(_get(exp.recover, "max_batch_images", 256)) // max(1, int(exp.ipc)))
+        # ...but give every rank at least one device batch (Lightning refuses an empty rank); the split
+        # does not change any image (each class's objective is independent of its batch mates)
+        cpb = min(int(cpb), max(1, -(-len(classes) // _planned_world(exp))))
+    return int(cpb)
+
+
+def planned_device_rows(exp: Experiment) -> tuple[int, int]:
+    """(images in the largest device batch, device batches) of this experiment's recover, from the config alone
+    (``stage=plan``)."""
+    settings = recover_settings(exp)
+    classes = class_range(exp, settings)
+    batches = plan_batches(settings, classes, int(exp.ipc), classes_per_batch(exp, classes))
+    return max((sum(len(u) for u in b) for b in batches), default=0) * int(exp.ipc), len(batches)
+
+
 def build_job(exp: Experiment, teacher: torch.nn.Module, teacher_fp: str) -> RecoverJob:
     """Resolve and validate everything (raises before anything is written)."""
     from lpld.stages.common import dataset_spec
@@ -133,15 +155,7 @@ def build_job(exp: Experiment, teacher: torch.nn.Module, teacher_fp: str) -> Rec
         stats_fp = fingerprint_tensors([*stats["mean"], *stats["var"]])
         stats_path = str(p)
     names = _class_names(exp, spec.num_classes)
-    cpb = _get(rc, "classes_per_batch", None)
-    if cpb is None:
-        # auto: fill device batches up to max_batch_images. Small batches are overhead-bound
-        # (measured on CPU: 10-image batches of a 28 px ConvNet ran ~10x slower per image).
-        cpb = max(1, int(_get(rc, "max_batch_images", 256)) // max(1, int(exp.ipc)))
-        # ...but give every rank at least one device batch (Lightning refuses an empty rank); the split
-        # does not change any image (each class's objective is independent of its batch mates)
-        cpb = min(int(cpb), max(1, -(-len(classes) // _planned_world(exp))))
-    cpb = int(cpb)
+    cpb = classes_per_batch(exp, classes)
     batches = plan_batches(settings, classes, int(exp.ipc), cpb)
     world = _planned_world(exp)
     if len(batches) < world:
