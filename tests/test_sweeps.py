@@ -146,3 +146,26 @@ def test_a_sweep_file_composes_from_any_working_directory(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "is not available" not in r.stderr, r.stderr
     assert yaml.safe_load(r.stdout)["dataset"]["name"]
+
+
+def test_the_slurm_launcher_without_its_plugin_is_one_line_naming_the_install(tmp_path):
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+
+        pytest.skip("the SLURM launcher plugin is installed here")
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("LPLD_DEBUG", "HYDRA_FULL_ERROR")}
+    r = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "-m", "stage=show", "hydra/launcher=slurm", "logger=none"]
+        + [f"paths.root={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("lpld error: hydra/launcher=slurm needs") and 'pip install -e ".[slurm]"' in lines[0]
+    assert "Traceback" not in r.stderr

@@ -102,6 +102,11 @@ def explain_compose_error(e: BaseException) -> ConfigError | None:
     chain = _chain(e)
     if not any(isinstance(x, HydraException | OmegaConfBaseException) for x in chain):
         return None
+    if any("Could not load 'hydra/launcher/submitit" in str(x) for x in chain):  # the optional launcher plugin
+        return ConfigError(
+            "hydra/launcher=slurm needs the SLURM launcher plugin, which is not installed; install it with "
+            '`pip install -e ".[slurm]"` (hydra-submitit-launcher), then rerun the same command'
+        )
     for x in chain:
         if isinstance(x, MissingConfigException) and x.options:
             group, _, name = str(x.missing_cfg_file or "").rpartition("/")
