@@ -57,6 +57,7 @@ def _aug(cfg) -> dict[str, Any]:
         "prune_ratio": s.prune_ratio,
         "granularity": s.granularity,
         "drop_last": s.drop_last,
+        "pool_select": s.pool_select,
     }
 
 
@@ -68,6 +69,7 @@ def _relabel_knobs(cfg) -> dict[str, Any]:
         "teachers": len(k["teachers"] or []),
         "ensemble": k["ensemble"],
         "ensemble_rescale": k["ensemble_rescale"],
+        "drop_last": k["drop_last"],
     }
 
 
@@ -137,7 +139,11 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "relabel.in1k.batch_size": (["dataset=in1k", *RL], _aug, "batch_size", 128),
     "relabel.in1k.epochs": (["dataset=in1k", *RL], _aug, "epochs", 300),
     "relabel.in1k.drop_last_1x": (["dataset=in1k", "prune=1x", *RL], _aug, "drop_last", False),
-    "relabel.in1k.drop_last_pruned": (["dataset=in1k", "prune=40x", *RL], _aug, "drop_last", True),
+    "relabel.in1k.drop_last_pruned": (["dataset=in1k", "prune=40x", *RL], _aug, "drop_last", False),
+    "relabel.in1k.drop_last": (["dataset=in1k", "prune=40x", *RL], _relabel_knobs, "drop_last", "swap"),
+    "student.in1k.swap_last": (["dataset=in1k", "prune=40x", *ST], _student, "swap_last", True),
+    "prune.40x.pool_select": (["dataset=in1k", "prune=40x", *RL], _aug, "pool_select", "first"),
+    "prune.40x.draw": (["dataset=in1k", "prune=40x", *ST], _student, "draw", "with_replacement"),
     "relabel.tiny.mix": (["dataset=tiny", *RL], _aug, "mix", "none"),
     "relabel.tiny.batch_size": (["dataset=tiny", *RL], _aug, "batch_size", 64),
     "relabel.tiny.epochs": (["dataset=tiny", *RL], _aug, "epochs", 100),

@@ -83,6 +83,7 @@ def store_spec(cfg: DictConfig, num_images: int | None = None) -> StoreSpec:
             prune_name=str(cfg.prune.name),
             prune_ratio=float(cfg.prune.ratio),
             granularity=str(cfg.prune.granularity),
+            pool_select=str(cfg.prune.get("pool_select") or "first"),  # issue 20: official first K
             quant=quant_config(cfg),
             aug=aug_config(cfg, st),
             record_mode=record_mode,

@@ -101,9 +101,10 @@ class RelabelConf:
     # issue 12 (docs/fidelity.md): the official 21K Cutout colour and RDED's ShufflePatches (Table 8)
     cutout_fill: str | None = recipe_knob("zero", "zero (0, normalised) | random (RGB 0..255 per image; in21k)")
     shuffle_patches: int | None = recipe_knob(0, "RDED ShufflePatches before the crop: 0 off | f (table8_rded: 2)")
-    # short last batch of each epoch: auto = dropped when pruning (official generator) | true (paper: always)
-    # | false (always kept)
-    drop_last: Any = "auto"
+    # short last batch of each epoch: swap = stored, but a drawn last batch of an epoch is trained as the batch before
+    # it (official main-table generator + trainer) | auto = dropped from the store when pruning (the official
+    # generator's own rule, lpld before issue 20) | true (paper: always dropped) | false (always kept and trained)
+    drop_last: Any = "swap"
     # ensemble (G-VBSM): list of model-config mappings merged over `model`, e.g. [{name: resnet18}, ...]
     teachers: Any = None
     ensemble: str = "mean_logits"  # mean_logits | mean_probs
@@ -178,6 +179,12 @@ class PruneConf:
     name: str = REQUIRED  # every option names itself (conf/prune/<name>.yaml)
     ratio: float = REQUIRED  # share of the schedule's batches dropped: 1 - 1/factor
     granularity: str = "batch"  # batch = the improved label pool | epoch = whole epochs
+    # which units the store keeps: first = the first K of the schedule (official trainer, pool[:K]) | random = a
+    # seeded random subset (the paper's text; lpld before issue 20)
+    pool_select: str = "first"
+    # how each student epoch draws its batches from the pool (granularity batch): with_replacement (official
+    # torch.randint) | without_replacement (a permutation of the pool; lpld before issue 20)
+    draw: str = "with_replacement"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -415,6 +415,8 @@ def build_data(cfg: DictConfig, inp: StudentInputs, pool: Pool) -> Any:
         val_batch_size=int(cfg.stage.get("val_batch_size", 256)),
         num_workers=num_workers(cfg) if nw is None else int(nw),
         val_num_workers=num_workers(cfg),
+        draw=inp.settings["draw"],
+        swap_last=inp.settings["swap_last"],
     )
 
 
