@@ -92,6 +92,12 @@ def _data(cfg) -> dict[str, Any]:
     return {"mean": list(s.mean), "std": list(s.std)}
 
 
+def _precision(cfg) -> dict[str, Any]:
+    from lpld.config.precision import resolve_precision
+
+    return {st: resolve_precision(cfg.trainer, st) for st in ("squeeze", "stats", "student")}
+
+
 T9 = ["experiment=table9_ours_plus", "dataset=in1k", "model=resnet18", "ipc=10"]
 T8 = ["experiment=table8_rded", "dataset=in1k", "model=resnet18", "ipc=10"]
 ST = ["stage=student"]
@@ -106,6 +112,7 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "stats.in1k.variance": (["dataset=in1k", "stage=stats"], _stats, "variance", "biased"),
     "stats.in1k.batch_size": (["dataset=in1k", "stage=stats"], _stats, "batch_size", 256),
     "stats.in1k.augment": (["dataset=in1k", "stage=stats"], _stats, "augment", True),
+    "stats.in21k.batch_size": (["dataset=in21k", "stage=stats"], _stats, "batch_size", 1024),
     "stats.cifar10_jpg.mode": (["dataset=cifar10_jpg", "stage=stats"], _stats, "mode", "exact"),
     "recover.in1k.iterations": (["dataset=in1k"], _recover, "iterations", 4000),
     "recover.in1k.lr": (["dataset=in1k"], _recover, "lr", 0.25),
@@ -126,12 +133,17 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "recover.in21k.tv_l2": (["dataset=in21k"], _recover, "tv_l2", 0.0),
     "recover.sre2l.group_classes": (["dataset=in1k", "recover=sre2l"], _recover, "group_classes", 100),
     "recover.sre2l.tv_l2": (["dataset=in1k", "recover=sre2l"], _recover, "tv_l2", 0.0),
+    "recover.sre2l_tiny.alpha": (["dataset=tiny", "recover=sre2l"], _recover, "alpha", 1.0),
+    "recover.cda_tiny.lr": (["dataset=tiny", "recover=cda"], _recover, "lr", 0.4),
     "recover.cda.milestone": (["dataset=in1k", "recover=cda"], _recover, "cda.milestone", 1.0),
     "recover.cda.schedule": (["dataset=in1k", "recover=cda"], _recover, "cda.schedule", "cosine"),
     "recover.rded.style": (["dataset=in1k", "recover=rded"], _recover, "rded.style", "official"),
     "recover.rded.factor": (["dataset=in1k", "recover=rded"], _recover, "rded.factor", 2),
     "recover.rded.candidates_per_class": (["dataset=in1k", "recover=rded"], _recover, "rded.candidates_per_class", 300),
     "recover.rded.crops_per_image": (["dataset=in1k", "recover=rded"], _recover, "rded.crops_per_image", 5),
+    "recover.in1k.image_format": (["dataset=in1k"], _recover, "image_format", "jpeg"),
+    "recover.in1k.jpeg_quality": (["dataset=in1k"], _recover, "jpeg_quality", 75),
+    "recover.in1k.quantize": (["dataset=in1k"], _recover, "quantize", "truncate"),
     "relabel.in1k.mix": (["dataset=in1k", *RL], _aug, "mix", "cutmix"),
     "relabel.in1k.rrc_scale": (["dataset=in1k", *RL], _aug, "rrc_scale", [0.08, 1.0]),
     "relabel.in1k.flip": (["dataset=in1k", *RL], _aug, "flip", True),
@@ -191,6 +203,9 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "relabel.in1k.shuffle_patches": (["dataset=in1k", *RL], _aug, "shuffle_patches", 0),
     "squeeze.tiny.lr": (["dataset=tiny", "stage=squeeze"], _squeeze, "lr", 0.2),
     "squeeze.tiny.epochs": (["dataset=tiny", "stage=squeeze"], _squeeze, "epochs", 50),
+    "trainer.gpu.student": (["trainer=gpu"], _precision, "student", "32-true"),
+    "trainer.gpu.squeeze": (["trainer=gpu"], _precision, "squeeze", "32-true"),
+    "trainer.ddp.student": (["trainer=ddp"], _precision, "student", "32-true"),
     "data.tiny.mean": (["dataset=tiny"], _data, "mean", [0.4802, 0.4481, 0.3975]),
 }
 

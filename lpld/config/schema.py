@@ -219,7 +219,9 @@ class StatsStage:
     # exact: pooled float64 mean/var over every image | ema: official update with unbiased var
     mode: str | None = None
     momentum: float = 0.1  # official / ema modes
-    batch_size: int = 256  # the official forward pass's batch (the EMA depends on it; exact does not)
+    # the official forward pass's batch (the EMA depends on it; exact does not); null = recipe stats.batch_size
+    # (in21k: 1024, paper Table 16), else 256
+    batch_size: int | None = recipe_knob(256, "images per EMA update (recipe stats.batch_size; in21k 1024)")
     augment: bool | None = None  # null = true for official (RandomResizedCrop + flip), else false
     max_images: int | None = None  # limit for quick runs; null = the whole train set
     overwrite: bool = False
@@ -375,11 +377,15 @@ class RecipeConf:
     recover: dict[str, Any] = field(default_factory=dict)
     student: dict[str, Any] = field(default_factory=dict)
     ipc_table: dict[Any, Any] = field(default_factory=dict)  # YAML keys are ints, command-line ones strings
+    # recover method -> recover knobs of that method's official run on this dataset (issue 20: SRe2L's Tiny script
+    # uses --r-bn 1, CDA's Tiny command --lr 0.4), merged over `recover` and its ipc_table entry for that method only
+    recover_by_method: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RecipeStats:
     mode: str | None = None  # official | exact | ema: what stage=stats writes and recover reads
+    batch_size: int | None = None  # images per EMA update of the official pass (in21k: 1024)
 
 
 @dataclass
@@ -785,6 +791,9 @@ def _unknown(cfg: Any) -> list[UnknownKey]:
             sec = recipe.get(section)
             if sec is not None:
                 walk_section(sec, section, f"{prefix}{section}.")
+        for method, entry in (recipe.get("recover_by_method") or {}).items():
+            if entry is not None:
+                walk_section(entry, "recover", f"{prefix}recover_by_method.{method}.")
         for ipc, entry in (recipe.get("ipc_table") or {}).items():
             for section in entry or {}:
                 where = f"{prefix}ipc_table.{ipc}."
@@ -848,6 +857,8 @@ def bad_values(cfg: Any) -> list[str]:
             sections = [(s, recipe.get(s), f"dataset.recipe.{s}") for s in RECIPE_SECTIONS]
             for ipc, entry in (recipe.get("ipc_table") or {}).items():
                 sections += [(s, v, f"dataset.recipe.ipc_table.{ipc}.{s}") for s, v in (entry or {}).items()]
+            for m, v in (recipe.get("recover_by_method") or {}).items():
+                sections.append(("recover", v, f"dataset.recipe.recover_by_method.{m}"))
             for section, sec, where in sections:
                 if section in RECIPE_SECTIONS and sec is not None:
                     out += _section_values(section, sec, where)
