@@ -46,6 +46,10 @@ def image_storage_settings(knobs: dict[str, Any]) -> dict[str, Any]:
     """How the images are stored (issue 20): ``image_format`` (jpeg | png), ``quantize`` (truncate | round) and,
     for JPEG, ``jpeg_quality``. Part of the images' identity (a PNG folder never answers for a JPEG one).
 
+    ``png`` + ``round`` (lpld before, the switch) returns nothing: folders written before issue 20 hold exactly that,
+    their manifests have none of these keys (``lpld.core.images.image_settings`` reads absence as png + round), and
+    the switch finds them under their old keys.
+
     Raises:
         ConfigError: an unknown format or quantization, or a quality outside 1..95 (PIL's useful range).
     """
@@ -56,6 +60,8 @@ def image_storage_settings(knobs: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"recover.image_format must be {'|'.join(IMAGE_FORMATS)}, got {fmt!r}")
     if q not in QUANTIZE_MODES:
         raise ConfigError(f"recover.quantize must be {'|'.join(QUANTIZE_MODES)}, got {q!r}")
+    if (fmt, q) == ("png", "round"):
+        return {}
     out: dict[str, Any] = {"image_format": fmt, "quantize": q}
     if fmt == "jpeg":
         quality = int(knobs.get("jpeg_quality", 75))
