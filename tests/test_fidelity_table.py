@@ -214,10 +214,71 @@ def _doc_ids() -> list[str]:
     return re.findall(r"^\| `([a-z0-9_.]+)` \|", DOC.read_text(), flags=re.M)
 
 
+def _doc_rows(text: str | None = None) -> dict[str, list[str]]:
+    """check id -> the row's cells (knob, paper, official code, lpld default, switch), ``\\|`` kept inside cells."""
+    out = {}
+    for line in (DOC.read_text() if text is None else text).splitlines():
+        m = re.match(r"^\| `([a-z0-9_.]+)` \|", line)
+        if m:
+            out[m.group(1)] = [c.strip() for c in re.split(r"(?<!\\)\|", line)[2:-1]]
+    return out
+
+
+_NUM = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?!\w)")
+
+
+def _states(cell: str, want: Any) -> bool:
+    """Whether a table cell states ``want``: a bool as the word true / false, a number as one of the cell's numbers,
+    a list of numbers as numbers of the cell, a string as a substring (cells may explain around the value)."""
+    if isinstance(want, bool):
+        return re.search(rf"\b{str(want).lower()}\b", cell.lower()) is not None
+    nums = [float(t) for t in _NUM.findall(cell)]
+    if isinstance(want, int | float):
+        return any(abs(t - float(want)) <= 1e-9 * max(1.0, abs(float(want))) for t in nums)
+    if isinstance(want, list):
+        return all(any(abs(t - float(w)) <= 1e-12 for t in nums) for w in want)
+    return str(want) in cell
+
+
 def test_every_table_row_has_a_check_and_every_check_a_row():
     ids = _doc_ids()
     assert len(ids) == len(set(ids)), "duplicate check ids in docs/fidelity.md"
     assert set(ids) == set(CASES), (sorted(set(ids) - set(CASES)), sorted(set(CASES) - set(ids)))
+
+
+@pytest.mark.parametrize("check", sorted(CASES))
+def test_lpld_default_cell_states_the_resolved_value(check):
+    """The "lpld default" cell of the row says the value the resolver returns (issue 20 item 11: a wrong cell
+    used to pass); the official-code cell cites its source (a quoted file / flag, or says there is none)."""
+    cells = _doc_rows()[check]
+    assert len(cells) == 5, (check, cells)
+    want = CASES[check][3]
+    assert _states(cells[3], want), f"{check}: docs/fidelity.md says {cells[3]!r}, the resolver gives {want!r}"
+    official = cells[2]
+    assert "`" in official or "none" in official.lower() or "no public" in official, (check, official)
+
+
+@pytest.mark.parametrize(
+    "check,wrong",
+    [
+        ("recover.in1k.lr", "0.5"),  # number
+        ("stats.in1k.mode", "`exact`"),  # string
+        ("relabel.in1k.flip", "false"),  # bool
+        ("relabel.in1k.rrc_scale", "[0.2, 1.0]"),  # list
+        ("prune.40x.pool_select", "`random`"),
+        ("recover.in1k.image_format", "png"),
+        ("trainer.gpu.student", "bf16-mixed"),
+    ],
+)
+def test_a_wrong_cell_fails(check, wrong):
+    """Mutation test: the table with one cell changed to a wrong value no longer states the resolved default."""
+    text = DOC.read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"| `{check}` |"))
+    cells = re.split(r"(?<!\\)\|", line)
+    cells[5] = f" {wrong} "
+    mutated = text.replace(line, "|".join(cells))
+    assert _states(_doc_rows(text)[check][3], CASES[check][3])
+    assert not _states(_doc_rows(mutated)[check][3], CASES[check][3])
 
 
 @functools.cache
