@@ -156,11 +156,10 @@ def swap_last_batches(pool: np.ndarray, batch_ids: np.ndarray, batches_per_epoch
     full = np.flatnonzero(~last)
     if len(full) == 0:
         return {}
-    out = {}
-    for pos in np.flatnonzero(last):
-        before = full[full < pos]
-        out[int(ordered[pos])] = int(ordered[before[-1] if len(before) else full[-1]])
-    return out
+    pos = np.flatnonzero(last)
+    prev = np.searchsorted(full, pos) - 1  # the last full position before each last batch; -1: wrap to the end
+    repl = full[np.where(prev >= 0, prev, len(full) - 1)]
+    return dict(zip(ordered[pos].tolist(), ordered[repl].tolist(), strict=True))
 
 
 def epoch_plan(
