@@ -278,6 +278,12 @@ BYTE_CHANGES = [
     ("images", ("stage=recover",), "seed=1"),
     ("images", ("stage=recover",), "recover=sre2l"),
     ("images", ("stage=recover",), "model.width=64"),
+    # issue 20: how the images are stored is part of their identity (a PNG folder never answers for a JPEG one)
+    ("images", ("stage=recover",), "recover.image_format=png"),
+    ("images", ("stage=recover",), "recover.quantize=round"),
+    ("images", ("stage=recover",), "recover.jpeg_quality=90"),
+    ("labels", ("stage=relabel",), "recover.image_format=png"),
+    ("labels", ("stage=relabel", "prune=40x"), "prune.pool_select=random"),
     ("labels", ("stage=relabel",), "prune=40x"),
     ("labels", ("stage=relabel",), "prune.granularity=epoch"),
     ("labels", ("stage=relabel", "quant=mr", "quant.k=5"), "quant.k=3"),

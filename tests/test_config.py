@@ -171,7 +171,7 @@ def test_every_dataset_recipe_key_is_read():
 
     readers = {
         "squeeze": {f.name for f in dataclasses.fields(schema.SqueezeStage)},
-        "stats": {"mode"},
+        "stats": {"mode", "batch_size"},  # batch_size: in21k's 1024 (issue 20)
         "recover": {f.name for f in dataclasses.fields(schema.RecoverOptimize)},
         "student": {f.name for f in dataclasses.fields(schema.StudentConf)}
         | {f.name for f in dataclasses.fields(schema.RelabelConf)},
@@ -182,6 +182,10 @@ def test_every_dataset_recipe_key_is_read():
         for sec in sections:
             for section, keys in sec.items():
                 if section == "ipc_table":
+                    continue
+                if section == "recover_by_method":  # method -> recover knobs (issue 20)
+                    for m, ks in (keys or {}).items():
+                        assert set(ks or {}) <= readers["recover"], (f.name, m, set(ks) - readers["recover"])
                     continue
                 assert set(keys or {}) <= readers[section], (f.name, section, set(keys) - readers[section])
 

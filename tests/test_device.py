@@ -301,14 +301,17 @@ def test_stage_precision_and_perf_options_from_presets():
     from lpld.stages.common import build_trainer
 
     gpu = compose_cfg(["trainer=gpu", "stage=stats"])
-    assert resolve_precision(gpu.trainer, "stats") == "32-true"  # stats targets stay fp32 under bf16 presets
-    assert resolve_precision(gpu.trainer, "student") == "bf16-mixed"
+    assert resolve_precision(gpu.trainer, "stats") == "32-true"
+    assert resolve_precision(gpu.trainer, "student") == "32-true"  # issue 20: fp32 as the official scripts
+    fast = compose_cfg(["trainer=gpu_bf16", "stage=stats"])  # the bf16 fast preset
+    assert resolve_precision(fast.trainer, "stats") == "32-true"  # stats targets stay fp32 under bf16 presets
+    assert resolve_precision(fast.trainer, "student") == resolve_precision(fast.trainer, "squeeze") == "bf16-mixed"
     assert resolve_precision(gpu.trainer, "stats", "bf16-mixed") == "bf16-mixed"  # a stage's own knob wins
     opts = PerfOptions.from_cfg(gpu.trainer.perf)
     assert opts.cudnn_benchmark and opts.tf32 and opts.channels_last and not opts.compile_student
     with pytest.raises(ValueError, match="trainer.perf"):
         PerfOptions.from_cfg({"channel_last": True})
-    for preset in ("cpu", "ddp", "ddp_spawn", "ddp_cpu"):  # every preset has the same keys
+    for preset in ("cpu", "ddp", "ddp_spawn", "ddp_cpu", "gpu_bf16", "ddp_bf16"):  # every preset has the same keys
         assert PerfOptions.from_cfg(compose_cfg([f"trainer={preset}"]).trainer.perf) is not None
     # on a CPU device the callback leaves the networks alone (CPU results stay bit-identical)
     cfg = compose_cfg(["stage=student", "trainer.stage_precision.student=bf16-mixed", "logger=none"])

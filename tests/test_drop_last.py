@@ -1,4 +1,6 @@
-"""The short-last-batch switch (issue 12, item 8): official generator drops it when pruning.
+"""The short-last-batch switches (issue 12, item 8): the official generator drops it when given a ratio (`auto`).
+
+The default is `swap` since issue 20 (tests/test_official_pool.py); these tests pin `auto` / `true` / `false`.
 
 ``generate_soft_label_pruning.py``: ``drop_last = True if args.prune_ratio > 0 else False``. lpld's
 ``relabel drop_last: auto`` follows it (and the paper: "For label pruning, we exclude the last batch");

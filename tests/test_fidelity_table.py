@@ -57,6 +57,7 @@ def _aug(cfg) -> dict[str, Any]:
         "prune_ratio": s.prune_ratio,
         "granularity": s.granularity,
         "drop_last": s.drop_last,
+        "pool_select": s.pool_select,
     }
 
 
@@ -68,6 +69,7 @@ def _relabel_knobs(cfg) -> dict[str, Any]:
         "teachers": len(k["teachers"] or []),
         "ensemble": k["ensemble"],
         "ensemble_rescale": k["ensemble_rescale"],
+        "drop_last": k["drop_last"],
     }
 
 
@@ -90,6 +92,12 @@ def _data(cfg) -> dict[str, Any]:
     return {"mean": list(s.mean), "std": list(s.std)}
 
 
+def _precision(cfg) -> dict[str, Any]:
+    from lpld.config.precision import resolve_precision
+
+    return {st: resolve_precision(cfg.trainer, st) for st in ("squeeze", "stats", "student")}
+
+
 T9 = ["experiment=table9_ours_plus", "dataset=in1k", "model=resnet18", "ipc=10"]
 T8 = ["experiment=table8_rded", "dataset=in1k", "model=resnet18", "ipc=10"]
 ST = ["stage=student"]
@@ -104,6 +112,7 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "stats.in1k.variance": (["dataset=in1k", "stage=stats"], _stats, "variance", "biased"),
     "stats.in1k.batch_size": (["dataset=in1k", "stage=stats"], _stats, "batch_size", 256),
     "stats.in1k.augment": (["dataset=in1k", "stage=stats"], _stats, "augment", True),
+    "stats.in21k.batch_size": (["dataset=in21k", "stage=stats"], _stats, "batch_size", 1024),
     "stats.cifar10_jpg.mode": (["dataset=cifar10_jpg", "stage=stats"], _stats, "mode", "exact"),
     "recover.in1k.iterations": (["dataset=in1k"], _recover, "iterations", 4000),
     "recover.in1k.lr": (["dataset=in1k"], _recover, "lr", 0.25),
@@ -124,12 +133,17 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "recover.in21k.tv_l2": (["dataset=in21k"], _recover, "tv_l2", 0.0),
     "recover.sre2l.group_classes": (["dataset=in1k", "recover=sre2l"], _recover, "group_classes", 100),
     "recover.sre2l.tv_l2": (["dataset=in1k", "recover=sre2l"], _recover, "tv_l2", 0.0),
+    "recover.sre2l_tiny.alpha": (["dataset=tiny", "recover=sre2l"], _recover, "alpha", 1.0),
+    "recover.cda_tiny.lr": (["dataset=tiny", "recover=cda"], _recover, "lr", 0.4),
     "recover.cda.milestone": (["dataset=in1k", "recover=cda"], _recover, "cda.milestone", 1.0),
     "recover.cda.schedule": (["dataset=in1k", "recover=cda"], _recover, "cda.schedule", "cosine"),
     "recover.rded.style": (["dataset=in1k", "recover=rded"], _recover, "rded.style", "official"),
     "recover.rded.factor": (["dataset=in1k", "recover=rded"], _recover, "rded.factor", 2),
     "recover.rded.candidates_per_class": (["dataset=in1k", "recover=rded"], _recover, "rded.candidates_per_class", 300),
     "recover.rded.crops_per_image": (["dataset=in1k", "recover=rded"], _recover, "rded.crops_per_image", 5),
+    "recover.in1k.image_format": (["dataset=in1k"], _recover, "image_format", "jpeg"),
+    "recover.in1k.jpeg_quality": (["dataset=in1k"], _recover, "jpeg_quality", 75),
+    "recover.in1k.quantize": (["dataset=in1k"], _recover, "quantize", "truncate"),
     "relabel.in1k.mix": (["dataset=in1k", *RL], _aug, "mix", "cutmix"),
     "relabel.in1k.rrc_scale": (["dataset=in1k", *RL], _aug, "rrc_scale", [0.08, 1.0]),
     "relabel.in1k.flip": (["dataset=in1k", *RL], _aug, "flip", True),
@@ -137,7 +151,11 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "relabel.in1k.batch_size": (["dataset=in1k", *RL], _aug, "batch_size", 128),
     "relabel.in1k.epochs": (["dataset=in1k", *RL], _aug, "epochs", 300),
     "relabel.in1k.drop_last_1x": (["dataset=in1k", "prune=1x", *RL], _aug, "drop_last", False),
-    "relabel.in1k.drop_last_pruned": (["dataset=in1k", "prune=40x", *RL], _aug, "drop_last", True),
+    "relabel.in1k.drop_last_pruned": (["dataset=in1k", "prune=40x", *RL], _aug, "drop_last", False),
+    "relabel.in1k.drop_last": (["dataset=in1k", "prune=40x", *RL], _relabel_knobs, "drop_last", "swap"),
+    "student.in1k.swap_last": (["dataset=in1k", "prune=40x", *ST], _student, "swap_last", True),
+    "prune.40x.pool_select": (["dataset=in1k", "prune=40x", *RL], _aug, "pool_select", "first"),
+    "prune.40x.draw": (["dataset=in1k", "prune=40x", *ST], _student, "draw", "with_replacement"),
     "relabel.tiny.mix": (["dataset=tiny", *RL], _aug, "mix", "none"),
     "relabel.tiny.batch_size": (["dataset=tiny", *RL], _aug, "batch_size", 64),
     "relabel.tiny.epochs": (["dataset=tiny", *RL], _aug, "epochs", 100),
@@ -187,6 +205,9 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "relabel.in1k.shuffle_patches": (["dataset=in1k", *RL], _aug, "shuffle_patches", 0),
     "squeeze.tiny.lr": (["dataset=tiny", "stage=squeeze"], _squeeze, "lr", 0.2),
     "squeeze.tiny.epochs": (["dataset=tiny", "stage=squeeze"], _squeeze, "epochs", 50),
+    "trainer.gpu.student": (["trainer=gpu"], _precision, "student", "32-true"),
+    "trainer.gpu.squeeze": (["trainer=gpu"], _precision, "squeeze", "32-true"),
+    "trainer.ddp.student": (["trainer=ddp"], _precision, "student", "32-true"),
     "data.tiny.mean": (["dataset=tiny"], _data, "mean", [0.4802, 0.4481, 0.3975]),
 }
 
@@ -195,10 +216,71 @@ def _doc_ids() -> list[str]:
     return re.findall(r"^\| `([a-z0-9_.]+)` \|", DOC.read_text(), flags=re.M)
 
 
+def _doc_rows(text: str | None = None) -> dict[str, list[str]]:
+    """check id -> the row's cells (knob, paper, official code, lpld default, switch), ``\\|`` kept inside cells."""
+    out = {}
+    for line in (DOC.read_text() if text is None else text).splitlines():
+        m = re.match(r"^\| `([a-z0-9_.]+)` \|", line)
+        if m:
+            out[m.group(1)] = [c.strip() for c in re.split(r"(?<!\\)\|", line)[2:-1]]
+    return out
+
+
+_NUM = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?!\w)")
+
+
+def _states(cell: str, want: Any) -> bool:
+    """Whether a table cell states ``want``: a bool as the word true / false, a number as one of the cell's numbers,
+    a list of numbers as numbers of the cell, a string as a substring (cells may explain around the value)."""
+    if isinstance(want, bool):
+        return re.search(rf"\b{str(want).lower()}\b", cell.lower()) is not None
+    nums = [float(t) for t in _NUM.findall(cell)]
+    if isinstance(want, int | float):
+        return any(abs(t - float(want)) <= 1e-9 * max(1.0, abs(float(want))) for t in nums)
+    if isinstance(want, list):
+        return all(any(abs(t - float(w)) <= 1e-12 for t in nums) for w in want)
+    return str(want) in cell
+
+
 def test_every_table_row_has_a_check_and_every_check_a_row():
     ids = _doc_ids()
     assert len(ids) == len(set(ids)), "duplicate check ids in docs/fidelity.md"
     assert set(ids) == set(CASES), (sorted(set(ids) - set(CASES)), sorted(set(CASES) - set(ids)))
+
+
+@pytest.mark.parametrize("check", sorted(CASES))
+def test_lpld_default_cell_states_the_resolved_value(check):
+    """The "lpld default" cell of the row says the value the resolver returns (issue 20 item 11: a wrong cell
+    used to pass); the official-code cell cites its source (a quoted file / flag, or says there is none)."""
+    cells = _doc_rows()[check]
+    assert len(cells) == 5, (check, cells)
+    want = CASES[check][3]
+    assert _states(cells[3], want), f"{check}: docs/fidelity.md says {cells[3]!r}, the resolver gives {want!r}"
+    official = cells[2]
+    assert "`" in official or "none" in official.lower() or "no public" in official, (check, official)
+
+
+@pytest.mark.parametrize(
+    "check,wrong",
+    [
+        ("recover.in1k.lr", "0.5"),  # number
+        ("stats.in1k.mode", "`exact`"),  # string
+        ("relabel.in1k.flip", "false"),  # bool
+        ("relabel.in1k.rrc_scale", "[0.2, 1.0]"),  # list
+        ("prune.40x.pool_select", "`random`"),
+        ("recover.in1k.image_format", "png"),
+        ("trainer.gpu.student", "bf16-mixed"),
+    ],
+)
+def test_a_wrong_cell_fails(check, wrong):
+    """Mutation test: the table with one cell changed to a wrong value no longer states the resolved default."""
+    text = DOC.read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"| `{check}` |"))
+    cells = re.split(r"(?<!\\)\|", line)
+    cells[5] = f" {wrong} "
+    mutated = text.replace(line, "|".join(cells))
+    assert _states(_doc_rows(text)[check][3], CASES[check][3])
+    assert not _states(_doc_rows(mutated)[check][3], CASES[check][3])
 
 
 @functools.cache

@@ -59,16 +59,17 @@ def test_epoch_plan_epoch_granularity_cycles_stored_epochs():
 def test_epoch_plan_batch_granularity_redraws_per_epoch_and_is_reproducible():
     ids = np.array([[e, b] for e in range(10) for b in range(4)])
     pool = np.array([1, 5, 9, 14, 22, 27, 31, 38])  # batches of several stored epochs
-    plans = [epoch_plan(pool, ids, 4, e, "batch", seed=11) for e in range(6)]
+    legacy = {"draw": "without_replacement", "swap_last": False}  # lpld's draws before issue 20
+    plans = [epoch_plan(pool, ids, 4, e, "batch", seed=11, **legacy) for e in range(6)]
     for p in plans:
         assert len(p) == 4 and len(set(p.tolist())) == 4 and set(p.tolist()) <= set(pool.tolist())
     assert len({tuple(p) for p in plans}) > 1  # re-drawn every epoch
-    again = [epoch_plan(pool, ids, 4, e, "batch", seed=11) for e in range(6)]
+    again = [epoch_plan(pool, ids, 4, e, "batch", seed=11, **legacy) for e in range(6)]
     assert all(np.array_equal(a, b) for a, b in zip(plans, again))  # resume replays the same draws
     mixed = np.concatenate(plans)
     assert len(set(ids[mixed][:, 0].tolist())) > 1  # an epoch mixes stored epochs
     # a pool smaller than an epoch: every pool batch is used before any repeats
-    small = epoch_plan(pool[:3], ids, 7, 0, "batch", seed=0)
+    small = epoch_plan(pool[:3], ids, 7, 0, "batch", seed=0, **legacy)
     assert sorted(small[:3].tolist()) == sorted(pool[:3].tolist()) and len(small) == 7
     with pytest.raises(ValueError, match="granularity"):
         epoch_plan(pool, ids, 4, 0, "sample", seed=0)

@@ -32,11 +32,13 @@ def test_prune_ratios_keep_the_share(ratio, factor):
 
 
 def test_prune_selection_seeded():
-    a = select_batches(50, 9, 0.9, "batch", seed=1)
-    assert np.array_equal(a, select_batches(50, 9, 0.9, "batch", seed=1))
-    assert not np.array_equal(a, select_batches(50, 9, 0.9, "batch", seed=2))
+    # the random subset (prune.pool_select=random; the default first-K pool is in tests/test_official_pool.py)
+    a = select_batches(50, 9, 0.9, "batch", seed=1, select="random")
+    assert np.array_equal(a, select_batches(50, 9, 0.9, "batch", seed=1, select="random"))
+    assert not np.array_equal(a, select_batches(50, 9, 0.9, "batch", seed=2, select="random"))
     # batch granularity draws from many epochs (the label pool), epoch granularity from few
-    assert len(np.unique(a[:, 0])) > len(np.unique(select_batches(50, 9, 0.9, "epoch", seed=1)[:, 0]))
+    ep = select_batches(50, 9, 0.9, "epoch", seed=1, select="random")
+    assert len(np.unique(a[:, 0])) > len(np.unique(ep[:, 0]))
 
 
 def test_conf_prune_files_are_consistent():

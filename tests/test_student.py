@@ -76,7 +76,12 @@ def test_student_end_to_end_record_and_rerun(store_cfg, tmp_path):
         assert k in rec, k
     assert 0.0 <= rec["top1"] <= rec["top5"] <= 1.0
     assert rec["epochs"] == 3 and rec["student_model"] == "convnet" and rec["method"] == "random_real"
-    assert rec["label_bytes"] > 0 and rec["image_bytes"] == N_CLASSES * IPC * 3 * SIZE * SIZE
+    # issue 20: image storage = the stored files' bytes (here random_real's PNGs); raw uint8 pixels beside it
+    from lpld.artifacts import images as images_artifact
+
+    files = list((images_artifact.path(store_cfg)).rglob("*.png"))
+    assert files and rec["image_bytes"] == rec["image_file_bytes"] == sum(f.stat().st_size for f in files)
+    assert rec["label_bytes"] > 0 and rec["image_pixel_bytes"] == N_CLASSES * IPC * 3 * SIZE * SIZE
     assert rec["compression_vs_1x"] == pytest.approx(1.0)  # 1x, unquantized store
     assert rec["config"]["student"]["loss"] == "kl"
     # the rerun of a finished run reuses it and appends nothing

@@ -132,17 +132,20 @@ def test_toy_recover_method_runs_recover_then_relabel(tmp_path, toy_method):
     assert out["complete"] and out["classes_done"] == N_CLASSES
     assert toy_method.units_seen == [[0, 1], [2, 3]]  # the method's plan decided the units
 
-    # the images are what the method defines: class mean + seeded noise, as uint8 PNGs
+    # the images are what the method defines: class mean + seeded noise, truncated to uint8, stored as JPEG
     d = images_artifact.path(cfg)
     assert d.name.startswith(f"{NAME}_ipc{IPC}_seed3_")
     images, labels, man = images_artifact.open(cfg, fp)
-    assert man["method"] == NAME and man["config"] == {"name": NAME, "precision": "32-true", "noise": 0.25}
+    # issue 20: every method's images carry how they are stored (JPEG q75 after truncation, the official files)
+    storage = {"image_format": "jpeg", "quantize": "truncate", "jpeg_quality": 75}
+    assert man["method"] == NAME and man["config"] == {"name": NAME, "precision": "32-true", "noise": 0.25, **storage}
     assert labels.tolist() == [c for c in range(N_CLASSES) for _ in range(IPC)]
     ds = build_dataset(cfg.dataset, "train", transform=eval_transform(cfg.dataset))
     mean, std = tuple(cfg.dataset.mean), tuple(cfg.dataset.std)
     for c in range(N_CLASSES):
         real = torch.stack([ds[int(i)][0] for i in range(len(ds)) if ds.targets[i] == c])
-        want = to_uint8(mean_image(real, c, IPC, 3, 0.25), mean, std)
+        u8 = to_uint8(mean_image(real, c, IPC, 3, 0.25), mean, std, "truncate")
+        want = torch.stack([_jpeg_pixels(x) for x in u8])  # what the stored JPEG decodes to
         got = images[c * IPC : (c + 1) * IPC]
         assert torch.equal(got, want), c
 
@@ -159,6 +162,19 @@ def test_toy_recover_method_runs_recover_then_relabel(tmp_path, toy_method):
     store = labels_artifact.open(labels_artifact.path(rcfg), verify="full")
     assert len(store) == res["batches"] > 0
     assert store.manifest["images_fingerprint"] == man["images_fingerprint"]
+
+
+def _jpeg_pixels(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (C, H, W) -> the pixels its JPEG (PIL's default quality, the official save) decodes to."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lpld.core.images import jpeg_bytes
+
+    arr = np.asarray(Image.open(io.BytesIO(jpeg_bytes(u8))))
+    return torch.from_numpy((arr[:, :, None] if arr.ndim == 2 else arr).copy()).permute(2, 0, 1)
 
 
 def test_toy_method_is_refused_once_unregistered(tmp_path):

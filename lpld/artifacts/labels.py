@@ -86,6 +86,7 @@ def store_spec(exp: Experiment, num_images: int | None = None) -> StoreSpec:
             prune_name=str(exp.prune.name),
             prune_ratio=float(exp.prune.ratio),
             granularity=str(exp.prune.granularity),
+            pool_select=str(exp.prune.get("pool_select") or "first"),  # issue 20: official first K
             quant=quant_config(exp),
             aug=aug_config(exp, st),
             record_mode=record_mode,

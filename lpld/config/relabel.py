@@ -62,10 +62,10 @@ def _opt_int(v: Any) -> int | None:
 
 
 def _drop_last(v: Any) -> str:
-    """auto | true | false (YAML reads true/false as booleans)."""
+    """swap | auto | true | false (YAML reads true/false as booleans)."""
     s = str(v).lower()
     if s not in DROP_LAST_MODES:
-        raise ConfigError(f"relabel.drop_last must be auto|true|false, got {v!r}")
+        raise ConfigError(f"relabel.drop_last must be {'|'.join(DROP_LAST_MODES)}, got {v!r}")
     return s
 
 

@@ -101,9 +101,10 @@ class RelabelConf:
     # issue 12 (docs/fidelity.md): the official 21K Cutout colour and RDED's ShufflePatches (Table 8)
     cutout_fill: str | None = recipe_knob("zero", "zero (0, normalised) | random (RGB 0..255 per image; in21k)")
     shuffle_patches: int | None = recipe_knob(0, "RDED ShufflePatches before the crop: 0 off | f (table8_rded: 2)")
-    # short last batch of each epoch: auto = dropped when pruning (official generator) | true (paper: always)
-    # | false (always kept)
-    drop_last: Any = "auto"
+    # short last batch of each epoch: swap = stored, but a drawn last batch of an epoch is trained as the batch before
+    # it (official main-table generator + trainer) | auto = dropped from the store when pruning (the official
+    # generator's own rule, lpld before issue 20) | true (paper: always dropped) | false (always kept and trained)
+    drop_last: Any = "swap"
     # ensemble (G-VBSM): list of model-config mappings merged over `model`, e.g. [{name: resnet18}, ...]
     teachers: Any = None
     ensemble: str = "mean_logits"  # mean_logits | mean_probs
@@ -178,6 +179,12 @@ class PruneConf:
     name: str = REQUIRED  # every option names itself (conf/prune/<name>.yaml)
     ratio: float = REQUIRED  # share of the schedule's batches dropped: 1 - 1/factor
     granularity: str = "batch"  # batch = the improved label pool | epoch = whole epochs
+    # which units the store keeps: first = the first K of the schedule (official trainer, pool[:K]) | random = a
+    # seeded random subset (the paper's text; lpld before issue 20)
+    pool_select: str = "first"
+    # how each student epoch draws its batches from the pool (granularity batch): with_replacement (official
+    # torch.randint) | without_replacement (a permutation of the pool; lpld before issue 20)
+    draw: str = "with_replacement"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,7 +219,9 @@ class StatsStage:
     # exact: pooled float64 mean/var over every image | ema: official update with unbiased var
     mode: str | None = None
     momentum: float = 0.1  # official / ema modes
-    batch_size: int = 256  # the official forward pass's batch (the EMA depends on it; exact does not)
+    # the official forward pass's batch (the EMA depends on it; exact does not); null = recipe stats.batch_size
+    # (in21k: 1024, paper Table 16), else 256
+    batch_size: int | None = recipe_knob(256, "images per EMA update (recipe stats.batch_size; in21k 1024)")
     augment: bool | None = None  # null = true for official (RandomResizedCrop + flip), else false
     max_images: int | None = None  # limit for quick runs; null = the whole train set
     overwrite: bool = False
@@ -371,11 +380,15 @@ class RecipeConf:
     recover: dict[str, Any] = field(default_factory=dict)
     student: dict[str, Any] = field(default_factory=dict)
     ipc_table: dict[Any, Any] = field(default_factory=dict)  # YAML keys are ints, command-line ones strings
+    # recover method -> recover knobs of that method's official run on this dataset (issue 20: SRe2L's Tiny script
+    # uses --r-bn 1, CDA's Tiny command --lr 0.4), merged over `recover` and its ipc_table entry for that method only
+    recover_by_method: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RecipeStats:
     mode: str | None = None  # official | exact | ema: what stage=stats writes and recover reads
+    batch_size: int | None = None  # images per EMA update of the official pass (in21k: 1024)
 
 
 @dataclass
@@ -781,6 +794,9 @@ def _unknown(cfg: Any) -> list[UnknownKey]:
             sec = recipe.get(section)
             if sec is not None:
                 walk_section(sec, section, f"{prefix}{section}.")
+        for method, entry in (recipe.get("recover_by_method") or {}).items():
+            if entry is not None:
+                walk_section(entry, "recover", f"{prefix}recover_by_method.{method}.")
         for ipc, entry in (recipe.get("ipc_table") or {}).items():
             for section in entry or {}:
                 where = f"{prefix}ipc_table.{ipc}."
@@ -844,6 +860,8 @@ def bad_values(cfg: Any) -> list[str]:
             sections = [(s, recipe.get(s), f"dataset.recipe.{s}") for s in RECIPE_SECTIONS]
             for ipc, entry in (recipe.get("ipc_table") or {}).items():
                 sections += [(s, v, f"dataset.recipe.ipc_table.{ipc}.{s}") for s, v in (entry or {}).items()]
+            for m, v in (recipe.get("recover_by_method") or {}).items():
+                sections.append(("recover", v, f"dataset.recipe.recover_by_method.{m}"))
             for section, sec, where in sections:
                 if section in RECIPE_SECTIONS and sec is not None:
                     out += _section_values(section, sec, where)

@@ -48,8 +48,12 @@ def stats_settings(cfg: Any) -> dict[str, Any]:
         )
     node = _stats_node(cfg)
 
-    def get(key: str) -> Any:
+    recipe = section_recipe(cfg.dataset, cfg.get("ipc"), "stats")
+
+    def get(key: str) -> Any:  # stage node > dataset recipe.stats (batch_size) > schema default
         v = node_get(node, key)
+        if v is None and key == "batch_size":
+            v = recipe.get("batch_size")
         return fallback(StatsStage, key) if v is None else v
 
     aug, limit = get("augment"), get("max_images")

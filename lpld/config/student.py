@@ -60,6 +60,8 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
         "ca_value": float(k.get("ca_value")),
         "ca_grid": [float(v) for v in to_plain(k.get("ca_grid"))],
         "granularity": str(node_get(cfg.student, "granularity") or man.get("granularity") or "batch"),
+        # issue 20: the official trainer's epoch draws (prune.draw) and last-batch swap (relabel.drop_last=swap)
+        **pool_draw_settings(cfg),
         "accumulate": int(k.get("accumulate")),
         "ema_decay": float(k.get("ema_decay")),
         "batch_size": node_get(cfg.student, "batch_size"),  # the store's batch (checked against it)
@@ -72,6 +74,22 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
             "relabel with quant=none, or set student.mse_target=probs (MSE between distributions)"
         )
     return out
+
+
+def pool_draw_settings(cfg: Any) -> dict[str, Any]:
+    """How each student epoch draws from the label pool: ``draw`` (``prune.draw``) and ``swap_last`` (true when
+    ``relabel.drop_last=swap``: a drawn last batch of a stored epoch is trained as the batch before it).
+
+    Raises:
+        ConfigError: an unknown ``prune.draw``.
+    """
+    from lpld.config.relabel import relabel_settings
+    from lpld.core.label_pool import DRAWS
+
+    draw = str(node_get(node_get(cfg, "prune"), "draw") or "with_replacement")
+    if draw not in DRAWS:
+        raise ConfigError(f"unknown prune.draw={draw!r}; valid: {', '.join(DRAWS)}")
+    return {"draw": draw, "swap_last": relabel_settings(cfg)["drop_last"] == "swap"}
 
 
 def _manifest_of_config(cfg: Any) -> dict[str, Any]:

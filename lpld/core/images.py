@@ -1,14 +1,18 @@
-"""The distilled-image artifact: lossless PNGs in class folders plus ``manifest.json``.
+"""The distilled-image artifact: image files in class folders plus ``manifest.json``.
 
 Layout (``paths.images_dir(cfg)``)::
 
     manifest.json
-    0000_<class name>/00000.png 00001.png ...
+    0000_<class name>/00000.jpg 00001.jpg ...   (00000.png ... with recover.image_format=png)
     0001_<class name>/...
 
 The class folders sort in class order, so the tree is also a plain ``imagefolder`` dataset.
-PNG bytes are a pure function of the pixel values (no timestamps or text chunks), so the same
-images give the same bytes and the same :func:`images_fingerprint`.
+Storage (``recover.image_format`` / ``recover.quantize``, issue 20): every official recover script (LPLD
+``data_synthesis_class.py`` ``save_images``, SRe2L, RDED) writes ``Image.fromarray((x * 255).astype(np.uint8))``
+to a ``.jpg`` path, i.e. truncation to uint8 and JPEG at PIL's default quality 75; that is the default here
+(``jpeg`` + ``truncate``), and relabel and the student read the decoded JPEG pixels. ``png`` + ``round`` is the
+lossless switch (lpld before). Both encoders write no timestamps, so the same pixels give the same bytes and the
+same :func:`images_fingerprint` (for one libjpeg build).
 """
 
 from __future__ import annotations
@@ -28,18 +32,27 @@ from lpld.core.io import ArtifactError, atomic_write_bytes, read_json
 
 MANIFEST = "manifest.json"
 _CLASS_DIR = re.compile(r"^(\d{4,})_")
+IMAGE_FORMATS = ("jpeg", "png")  # recover.image_format
+QUANTIZE_MODES = ("truncate", "round")  # recover.quantize
+SUFFIX = {"jpeg": ".jpg", "png": ".png"}
+PIL_DEFAULT_JPEG_QUALITY = 75  # what Image.save(path.jpg) uses without a quality argument
 
 
-def to_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def to_uint8(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], quantize: str = "round"
+) -> torch.Tensor:
     """De-normalise and quantise: (N, C, H, W) float in normalised space -> uint8 (N, C, H, W).
 
-    ``round(clamp(x * std + mean, 0, 1) * 255)`` (rounding, not truncation, so a pixel that was
-    exactly representable survives a save/load round trip).
+    ``round``: ``round(clamp(x * std + mean, 0, 1) * 255)`` (a pixel that was exactly representable survives a
+    save/load round trip). ``truncate``: ``floor(clamp(x * std + mean, 0, 1) * 255)``, the official scripts'
+    ``(x * 255).astype(np.uint8)`` on their clipped images (values in [0, 1], so the cast floors).
     """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"recover.quantize must be {'|'.join(QUANTIZE_MODES)}, got {quantize!r}")
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    x = (images.detach().float().cpu() * s + m).clamp(0.0, 1.0)
-    return torch.round(x * 255.0).to(torch.uint8)
+    x = (images.detach().float().cpu() * s + m).clamp(0.0, 1.0) * 255.0
+    return (torch.round(x) if quantize == "round" else torch.floor(x)).to(torch.uint8)
 
 
 def safe_class_name(name: str) -> str:
@@ -64,6 +77,54 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def jpeg_bytes(image: torch.Tensor, quality: int = PIL_DEFAULT_JPEG_QUALITY) -> bytes:
+    """Encode one uint8 image (C, H, W), C in {1, 3}, as JPEG with PIL's encoder and default settings but
+    ``quality`` (75 = PIL's default: the bytes of the official ``pil_image.save('x.jpg')``)."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"jpeg_bytes needs uint8 (C, H, W) with C in (1, 3); got {image.dtype} {tuple(image.shape)}")
+    arr = image.permute(1, 2, 0).contiguous().cpu().numpy()
+    pil = Image.fromarray(arr[:, :, 0]) if arr.shape[2] == 1 else Image.fromarray(arr)
+    buf = io.BytesIO()
+    if int(quality) == PIL_DEFAULT_JPEG_QUALITY:
+        pil.save(buf, format="JPEG")  # exactly the official call (no arguments)
+    else:
+        pil.save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def image_settings(settings: dict[str, Any]) -> tuple[str, str, int]:
+    """(format, quantize, jpeg quality) of a recover job's settings; folders written before issue 20 have none of
+    these keys and are PNG + round."""
+    fmt = str(settings.get("image_format", "png"))
+    return fmt, str(settings.get("quantize", "round")), int(settings.get("jpeg_quality", PIL_DEFAULT_JPEG_QUALITY))
+
+
+def encode_image(image: torch.Tensor, fmt: str, quality: int = PIL_DEFAULT_JPEG_QUALITY) -> bytes:
+    """The stored bytes of one uint8 image (C, H, W) in ``fmt`` (jpeg | png)."""
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"recover.image_format must be {'|'.join(IMAGE_FORMATS)}, got {fmt!r}")
+    return jpeg_bytes(image, quality) if fmt == "jpeg" else png_bytes(image)
+
+
+def image_path(class_dir: str | os.PathLike, j: int, fmt: str) -> Path:
+    """``<class dir>/<j:05d>.jpg`` (or ``.png``)."""
+    return Path(class_dir) / f"{int(j):05d}{SUFFIX[fmt]}"
+
+
+def write_class_images(class_dir: str | os.PathLike, images_u8: torch.Tensor, settings: dict[str, Any]) -> None:
+    """Write one class's uint8 images (ipc, C, H, W) as the job's settings store them, each atomically."""
+    fmt, _, quality = image_settings(settings)
+    for j in range(images_u8.shape[0]):
+        atomic_write_bytes(image_path(class_dir, j, fmt), encode_image(images_u8[j], fmt, quality))
+
+
+def quantize_images(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], settings: dict[str, Any]
+) -> torch.Tensor:
+    """The uint8 pixels a recover job stores for its normalised float images (``recover.quantize``)."""
+    return to_uint8(images, mean, std, image_settings(settings)[1])
+
+
 def save_png(path: str | os.PathLike, image: torch.Tensor) -> None:
     """Write one uint8 image (C, H, W) as a lossless PNG, atomically."""
     atomic_write_bytes(path, png_bytes(image))
@@ -79,15 +140,25 @@ def read_png(path: str | os.PathLike) -> torch.Tensor:
 
 
 def list_pngs(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(class index, path) of every PNG under ``<root>/<NNNN_name>/``, in sorted relative-path order."""
+    """(class index, path) of every stored image (``.jpg`` or ``.png``) under ``<root>/<NNNN_name>/``, in sorted
+    relative-path order. (The name predates JPEG storage.)"""
     root = Path(root)
     out: list[tuple[int, Path]] = []
     if not root.is_dir():
         return out
     for d in sorted(p for p in root.iterdir() if p.is_dir() and _CLASS_DIR.match(p.name)):
         cls = int(_CLASS_DIR.match(d.name).group(1))  # type: ignore[union-attr]
-        out += [(cls, f) for f in sorted(d.iterdir()) if f.is_file() and f.suffix == ".png"]
+        out += [(cls, f) for f in sorted(d.iterdir()) if f.is_file() and f.suffix in _SUFFIXES]
     return out
+
+
+_SUFFIXES = tuple(SUFFIX.values())
+list_images = list_pngs
+
+
+def image_file_bytes(root: str | os.PathLike) -> int:
+    """Bytes of every stored image file under ``root`` (the images' storage as written: JPEG or PNG)."""
+    return int(sum(f.stat().st_size for _, f in list_pngs(root)))
 
 
 def images_fingerprint(root: str | os.PathLike, n_hex: int = 16) -> str:

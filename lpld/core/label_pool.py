@@ -18,8 +18,13 @@ Two random processes (LPLD Sec. 3.3.2, "Pruning Setting"):
      whole stored epochs (epoch-level pruning) this is exactly "the stored epochs, cycled".
    * ``granularity="batch"`` (the improved label pool, ILP): batches drawn from any stored
      epoch, re-drawn every epoch from a generator seeded by (seed, epoch), so a resumed run
-     replays the same draws. Draws are without replacement while the pool lasts (a fresh
-     permutation is appended when an epoch needs more batches than the pool holds).
+     replays the same draws. ``draw`` (``prune.draw``): ``with_replacement`` (default, the
+     official trainer: ``torch.randint(0, len(pool))`` once per step of the epoch) or
+     ``without_replacement`` (lpld before: a permutation of the pool, a fresh one appended when an
+     epoch needs more batches than the pool holds).
+   * ``swap_last`` (``relabel.drop_last=swap``, the default; batch granularity only): a drawn
+     batch that is the last of its stored epoch is replaced by the stored batch before it
+     (``swap_last_batches``), as the official trainer's ``step_list[i] = batch_idx - 1``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from lpld.core.pruning import num_kept
 
 GRANULARITIES = ("epoch", "batch")
+DRAWS = ("with_replacement", "without_replacement")  # prune.draw
 ORDERS = ("easy", "hard", "uniform", "random")
 
 
@@ -124,6 +130,38 @@ def stored_order(batch_ids: np.ndarray) -> np.ndarray:
     return np.lexsort((batch_ids[:, 1], batch_ids[:, 0]))
 
 
+def swap_last_batches(pool: np.ndarray, batch_ids: np.ndarray, batches_per_epoch: int) -> dict[int, int]:
+    """Replacement of each pool row that is the last batch of its stored epoch (``drop_last=swap``).
+
+    The official trainer (``batch_to_epoch``, flat index i = epoch x n + batch) trains batch ``i - 1`` whenever it
+    draws an i with ``(i + 1) % n == 0``; its pool is the first K batches, so ``i - 1`` is always stored. Here the
+    replacement is the nearest stored batch before it in (epoch, batch) order that is not itself a last batch,
+    which is ``i - 1`` for that pool; for a random pool (``prune.pool_select=random``) ``i - 1`` may be missing, and
+    the search goes further back (cyclically). With no such batch in the pool (or n < 2) nothing is replaced.
+
+    Args:
+        pool: (P,) store rows of the label pool.
+        batch_ids: (M, 2) (stored epoch, batch) of every store row.
+        batches_per_epoch: n.
+
+    Returns:
+        {pool row that is a last batch: store row trained instead}.
+    """
+    n = int(batches_per_epoch)
+    pool = np.asarray(pool, dtype=np.int64)
+    if n < 2 or len(pool) == 0:
+        return {}
+    ordered = pool[stored_order(np.asarray(batch_ids)[pool])]
+    last = np.asarray(batch_ids)[ordered, 1] == n - 1
+    full = np.flatnonzero(~last)
+    if len(full) == 0:
+        return {}
+    pos = np.flatnonzero(last)
+    prev = np.searchsorted(full, pos) - 1  # the last full position before each last batch; -1: wrap to the end
+    repl = full[np.where(prev >= 0, prev, len(full) - 1)]
+    return dict(zip(ordered[pos].tolist(), ordered[repl].tolist(), strict=True))
+
+
 def epoch_plan(
     pool: np.ndarray,
     batch_ids: np.ndarray,
@@ -131,6 +169,8 @@ def epoch_plan(
     epoch: int,
     granularity: str,
     seed: int,
+    draw: str = "with_replacement",
+    swap_last: bool = True,
 ) -> np.ndarray:
     """Stored-batch rows replayed in student epoch ``epoch`` (see the module docstring).
 
@@ -141,12 +181,16 @@ def epoch_plan(
         epoch: 0-based student epoch.
         granularity: ``epoch`` or ``batch``.
         seed: run seed (``batch`` draws use the generator seeded by (seed, epoch)).
+        draw: ``with_replacement`` (official) or ``without_replacement`` (``batch`` granularity).
+        swap_last: replace drawn last batches of a stored epoch (``swap_last_batches``; ``batch`` granularity).
 
     Returns:
         (n,) int64 store rows, in training order.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown pool granularity '{granularity}'; valid: {', '.join(GRANULARITIES)}")
+    if draw not in DRAWS:
+        raise ValueError(f"unknown pool draw '{draw}'; valid: {', '.join(DRAWS)} (prune.draw)")
     pool = np.asarray(pool, dtype=np.int64)
     if len(pool) == 0:
         raise ValueError("the label pool is empty")
@@ -158,9 +202,13 @@ def epoch_plan(
         start = (epoch * n) % len(ordered)
         return ordered[(start + np.arange(n)) % len(ordered)]
     rng = np.random.default_rng([int(seed), int(epoch), 0x1B])
-    reps = -(-n // len(pool))
-    draws = np.concatenate([rng.permutation(pool) for _ in range(reps)])
-    return draws[:n]
+    if draw == "with_replacement":
+        draws = pool[rng.integers(0, len(pool), size=n)]
+    else:
+        reps = -(-n // len(pool))
+        draws = np.concatenate([rng.permutation(pool) for _ in range(reps)])[:n]
+    swap = swap_last_batches(pool, batch_ids, n) if swap_last else {}
+    return np.array([swap.get(int(r), int(r)) for r in draws], dtype=np.int64) if swap else draws
 
 
 def shard_plan(plan: np.ndarray, rank: int, world_size: int) -> np.ndarray:

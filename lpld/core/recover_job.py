@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpld.core.images import MANIFEST, class_dir_name, image_hashes, images_fingerprint
+from lpld.core.images import MANIFEST, class_dir_name, image_hashes, image_path, image_settings, images_fingerprint
 from lpld.core.io import ArtifactError, atomic_write_json, drop_aside, read_json, release_lock
 
 RECORD = ".recover.json"
@@ -63,7 +63,8 @@ def class_done(job: RecoverJob, c: int) -> bool:
         return False
     if rec.get("config_fingerprint") != job.config_fingerprint:
         return False
-    return all((d / f"{j:05d}.png").exists() for j in range(job.ipc))
+    fmt = image_settings(job.settings)[0]
+    return all(image_path(d, j, fmt).exists() for j in range(job.ipc))
 
 
 def write_class_record(job: RecoverJob, c: int, losses: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lpld.core.images import save_png, to_uint8
+from lpld.core.images import quantize_images, write_class_images
 from lpld.core.recover_job import RecoverJob, class_done, finalize_manifest, write_class_record
 from lpld.core.recover_methods import BatchContext, get_recover_method
 from lpld.lit.display import RecoverProgress, image_log_batches, log_images_uint8
@@ -133,12 +133,10 @@ class RecoverModule(L.LightningModule):
         results = get_recover_method(job.method).run_batch(self._context(), [list(u) for u in units])
         images_u8 = []
         for c, imgs, _losses in results:
-            u8 = to_uint8(imgs, tuple(job.mean), tuple(job.std))
-            d = job.class_dir(c)
-            for j in range(u8.shape[0]):
-                save_png(d / f"{j:05d}.png", u8[j])
+            u8 = quantize_images(imgs, tuple(job.mean), tuple(job.std), job.settings)  # recover.quantize
+            write_class_images(job.class_dir(c), u8, job.settings)  # recover.image_format (issue 20)
             images_u8.append(u8)
-        # records last: a class counts as done only once all its PNGs are on disk
+        # records last: a class counts as done only once all its images are on disk
         for c, _, losses in results:
             write_class_record(job, c, losses)
         tot = [r[2].get("total") for r in results if r[2].get("total") is not None]

@@ -70,8 +70,11 @@ class StudentData(L.LightningDataModule):
         val_batch_size: int = 256,
         num_workers: int = 0,
         val_num_workers: int | None = None,
+        draw: str = "with_replacement",
+        swap_last: bool = True,
     ):
         super().__init__()
+        self.draw, self.swap_last = draw, bool(swap_last)  # issue 20: label_pool.epoch_plan's draw / last-batch swap
         self.store, self.pool = store, np.asarray(pool, dtype=np.int64)
         self.batches_per_epoch, self.granularity, self.seed = int(batches_per_epoch), granularity, int(seed)
         self.accumulate, self.val_dataset = int(accumulate), val_dataset
@@ -84,7 +87,16 @@ class StudentData(L.LightningDataModule):
 
         ``rank`` / ``world_size`` do not change the plan: ranks split rows, not batches.
         """
-        full = epoch_plan(self.pool, self.batch_ids, self.batches_per_epoch, epoch, self.granularity, self.seed)
+        full = epoch_plan(
+            self.pool,
+            self.batch_ids,
+            self.batches_per_epoch,
+            epoch,
+            self.granularity,
+            self.seed,
+            self.draw,
+            self.swap_last,
+        )
         return np.repeat(full, self.accumulate)
 
     def train_dataloader(self) -> DataLoader:

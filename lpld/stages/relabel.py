@@ -89,12 +89,14 @@ def run(exp: Experiment) -> dict[str, Any]:
         )
     spec = labels.store_spec(exp, num_images=images.shape[0])
     path = labels.path(exp)
-    png_bytes = sum(p.stat().st_size for p in images_dir.rglob("*.png"))
+    from lpld.core.images import image_file_bytes  # issue 20: the stored files (JPEG or PNG)
+
+    file_bytes = image_file_bytes(images_dir)
     meta = {
         "images_fingerprint": img_man.get("images_fingerprint"),
         "teacher_fingerprint": teacher_fp,
         "images_dir": str(images_dir),
-        "image_bytes": {"png_files": int(png_bytes), "uint8_pixels": int(images.numel())},
+        "image_bytes": {"files": file_bytes, "uint8_pixels": int(images.numel())},
         **tmeta,
     }
     bpf = st.get("batches_per_forward")

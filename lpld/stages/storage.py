@@ -28,9 +28,10 @@ def _print_store(path: Path, verify: str) -> dict[str, Any]:
     ratio = on_disk / acc["total"]
     print(f"labels on disk (all files): {on_disk:,d} B = {on_disk / GIB:.4f} GiB; disk / accounting {ratio:.4f}")
     if img:
-        print(f"images: png files {img.get('png_files', 0):,d} B, uint8 pixels {img.get('uint8_pixels', 0):,d} B")
-        if img.get("png_files"):
-            print(f"label-to-image ratio (png): {on_disk / img['png_files']:.2f}")
+        files = img.get("files", img.get("png_files", 0))  # png_files: stores written before issue 20
+        print(f"images: stored files {files:,d} B, uint8 pixels {img.get('uint8_pixels', 0):,d} B")
+        if files:
+            print(f"label-to-image ratio (stored files): {on_disk / files:.2f}")
     return {"path": str(path), "components": acc["components"], "total": acc["total"], "disk_bytes": on_disk}
 
 

@@ -82,6 +82,7 @@ def build_record(
 ) -> dict[str, Any]:
     """The results record of a finished run (``lpld.report.records``): accuracy, storage, pool and ``config`` (the
     resolved experiment: what stage=show prints and W&B log)."""
+    from lpld.core.images import image_file_bytes
     from lpld.core.storage_accounting import image_bytes as raw_image_bytes
 
     man, images = inp.manifest, inp.images
@@ -105,8 +106,10 @@ def build_record(
         "metric": inp.metric,
         "student_model": inp.model_cfg["name"],
         "student": inp.settings,
-        "image_bytes": raw_image_bytes(images.shape[0], images.shape[1], images.shape[2]),
-        "image_file_bytes": int(sum(p.stat().st_size for p in Path(inp.images_dir).rglob("*.png"))),
+        # issue 20: the images' storage is the bytes stored (JPEG by default, as the official files); raw uint8 aside
+        "image_bytes": image_file_bytes(inp.images_dir),
+        "image_file_bytes": image_file_bytes(inp.images_dir),
+        "image_pixel_bytes": raw_image_bytes(images.shape[0], images.shape[1], images.shape[2]),
         # a hard-label student (loss ce) reads no stored label, only the augmentation records it replays:
         # 0 label bytes, its records still counted (issue 19: the hard row showed the soft store's bytes)
         "labels": "hard" if inp.settings["loss"] == "ce" else "soft",

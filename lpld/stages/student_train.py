@@ -102,6 +102,8 @@ def build_data(inp: StudentInputs, pool: Pool) -> Any:
         val_batch_size=int(inp.stage.get("val_batch_size", 256)),
         num_workers=inp.workers if nw is None else int(nw),
         val_num_workers=inp.workers,
+        draw=inp.settings["draw"],
+        swap_last=inp.settings["swap_last"],
     )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from lpld.core.augment import AugConfig
 from lpld.core.io import ArtifactError
-from lpld.core.pruning import batches_per_epoch, select_batches
+from lpld.core.pruning import POOL_SELECTS, batches_per_epoch, select_batches
 from lpld.core.quant import QuantConfig
 
 FORMAT = "lpld-label-store/2"
@@ -46,6 +46,7 @@ class StoreSpec:
         seed: seeds the image order, the augmentation draws and the pruning selection.
         drop_last: the short last batch of each epoch is left out of the schedule (resolved by
             ``pruning.resolve_drop_last``; true only when N mod B != 0).
+        pool_select: which units pruning keeps: ``first`` K of the schedule (official) or a ``random`` subset.
     """
 
     num_images: int
@@ -61,6 +62,7 @@ class StoreSpec:
     record_mode: str = "explicit"
     seed: int = 0
     drop_last: bool = False
+    pool_select: str = "first"
 
     def __post_init__(self) -> None:
         if self.record_mode not in RECORD_MODES:
@@ -71,6 +73,10 @@ class StoreSpec:
                 f"{self.num_images}, {self.num_classes}, {self.batch_size}, {self.epochs}; set relabel.epochs and "
                 "relabel.batch_size or dataset.recipe.student.epochs / batch_size to positive values"
             )
+        if self.pool_select not in POOL_SELECTS:
+            raise ValueError(f"prune.pool_select must be {'|'.join(POOL_SELECTS)}, got {self.pool_select!r}")
+        if self.prune_ratio <= 0:  # nothing pruned: every selection keeps the whole schedule (one identity)
+            object.__setattr__(self, "pool_select", "first")
         if max(self.image_hw) > 65535:
             raise ValueError(f"image side {max(self.image_hw)} exceeds the uint16 crop coordinates (65535)")
         if self.drop_last and self.num_images < self.batch_size:
@@ -85,7 +91,9 @@ class StoreSpec:
 
     def batch_ids(self) -> np.ndarray:
         """(M, 2) int64 kept (epoch, batch) pairs, sorted."""
-        return select_batches(self.epochs, self.batches_per_epoch, self.prune_ratio, self.granularity, self.seed)
+        return select_batches(
+            self.epochs, self.batches_per_epoch, self.prune_ratio, self.granularity, self.seed, self.pool_select
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,7 +103,14 @@ class StoreSpec:
             "batch_size": self.batch_size,
             "epochs": self.epochs,
             "batches_per_epoch": self.batches_per_epoch,
-            "prune": {"name": self.prune_name, "ratio": self.prune_ratio, "granularity": self.granularity},
+            # pool_select only when it is not the random subset every store before issue 20 holds (their identity
+            # stays); unpruned stores hold every batch either way and keep one identity
+            "prune": {
+                "name": self.prune_name,
+                "ratio": self.prune_ratio,
+                "granularity": self.granularity,
+                **({"select": self.pool_select} if self.pool_select != "random" and self.prune_ratio > 0 else {}),
+            },
             "quant": self.quant.to_dict(),
             "aug": self.aug.to_dict(),
             "record_mode": self.record_mode,
@@ -116,6 +131,7 @@ class StoreSpec:
             prune_name=str(d["prune"]["name"]),
             prune_ratio=float(d["prune"]["ratio"]),
             granularity=str(d["prune"]["granularity"]),
+            pool_select=str(d["prune"].get("select", "random" if float(d["prune"]["ratio"]) > 0 else "first")),
             quant=QuantConfig(**d["quant"]),
             aug=AugConfig.from_dict(d["aug"]),
             record_mode=str(d["record_mode"]),

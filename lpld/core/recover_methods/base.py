@@ -52,7 +52,8 @@ def list_knob(*values: Any) -> Any:
 
 
 def own_knobs(schema: type) -> list[str]:
-    """The knobs ``schema`` adds to :class:`RecoverBase` (the base's knobs split the work; they change no image)."""
+    """The knobs ``schema`` adds to :class:`RecoverBase` (the base's knobs split the work and change no image, except
+    the storage knobs, which ``lpld.config.recover.recover_settings`` adds to every method's settings)."""
     base = {f.name for f in dataclasses.fields(RecoverBase)}
     return [f.name for f in dataclasses.fields(schema) if f.name not in base]
 
@@ -69,6 +70,11 @@ class RecoverBase:
     overwrite: bool = False  # replace a folder written with another config
     allow_other_teacher: bool = False  # accept class-wise stats recorded with another teacher
     stats_path: str | None = None  # null = the stats artifact of this config
+    # how the images are stored (part of their identity: lpld.config.recover.recover_settings adds them); issue 20:
+    # the official recover scripts save (x * 255).astype(uint8) as JPEG at PIL's default quality 75
+    image_format: str = "jpeg"  # jpeg | png (lossless; lpld before)
+    quantize: str = "truncate"  # truncate (official) | round (lpld before)
+    jpeg_quality: int = 75  # JPEG quality (75 = PIL's default, the official files)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
