@@ -137,3 +137,19 @@ def test_following_the_experiment_through_the_student_stage(chain, capsys):
     print(summary)
     assert not trace.climbs(), trace.climbs()
     assert max(re.values(), default=0) <= 2, summary
+
+
+def test_no_inline_default_below_dispatch_shadows_the_schema():
+    """Defaults live in the schema only: a stage reads a knob of the experiment by its key (every schema key is in
+    the frozen node), never ``.get(key, <its own default>)``, which could contradict the schema (issue 18 found
+    report's ``scale`` read with 1.0 while the schema says 100.0)."""
+    import re
+
+    pat = re.compile(r"\b(exp\.[a-z]+|inp\.stage)\.get\(\"\w+\", ")
+    bad = []
+    for sub in ("stages", "artifacts", "lit"):
+        for p in sorted((LPLD / sub).rglob("*.py")):
+            bad += [
+                f"{p.relative_to(LPLD)}:{i}" for i, ln in enumerate(p.read_text().splitlines(), 1) if pat.search(ln)
+            ]
+    assert not bad, bad

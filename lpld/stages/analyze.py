@@ -56,15 +56,15 @@ def method_dirs(exp: Experiment) -> dict[str, Path]:
 
 
 def eq8_for(exp: Experiment, counts: list[int]) -> Eq8Bound:
-    e = exp.stage.get("eq8") or {}
+    e = exp.stage["eq8"]  # Appendix E.3's constants (schema: lpld/config/schema.py, AnalyzeStage.eq8)
     return required_updates(
-        batch_size=int(e.get("batch_size", 256)),
+        batch_size=int(e["batch_size"]),
         counts=counts,
-        T=float(e.get("T", 0.05)),
-        delta=float(e.get("delta", 0.2)),
-        eps=float(e.get("eps", 0.1)),
-        C=float(e.get("C", 1.0)),
-        tau=float(e.get("tau", 0.01)),
+        T=float(e["T"]),
+        delta=float(e["delta"]),
+        eps=float(e["eps"]),
+        C=float(e["C"]),
+        tau=float(e["tau"]),
     )
 
 
@@ -86,7 +86,7 @@ def sample_per_class(targets: list[int], per_class: int | None, seed: int) -> li
 
 
 def _device(exp: Experiment) -> torch.device:
-    acc = str(exp.trainer.get("accelerator", "cpu"))
+    acc = str(exp.trainer["accelerator"])
     return torch.device("cuda" if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
 
 
@@ -173,16 +173,14 @@ def _reference(exp: Experiment, train: Any, teacher: torch.nn.Module, bs: int, d
     per = st.get("real_per_class")
     idx = sample_per_class(list(train.targets), None if per is None else int(per), seed)
     real_y = torch.as_tensor([int(train.targets[i]) for i in idx], dtype=torch.long)
-    gc, gpc = int(st.get("grid_classes", 3)), int(st.get("grid_per_class", 10))
+    gc, gpc = int(st["grid_classes"]), int(st["grid_per_class"])
     show = list(range(min(gc, spec.num_classes)))
     real_f, real_grid = real_features(exp, teacher, train, idx, show, gpc, bs, device)
     real_cos = within_class_cosine(real_f, real_y)
     gen = torch.Generator().manual_seed(seed)
     sigma = st.get("mmd_bandwidth")
-    sigma = (
-        float(sigma) if sigma is not None else median_bandwidth(real_f, None, int(st.get("mmd_max_points", 2048)), gen)
-    )
-    estimator = str(st.get("mmd_estimator", "unbiased"))
+    sigma = float(sigma) if sigma is not None else median_bandwidth(real_f, None, int(st["mmd_max_points"]), gen)
+    estimator = str(st["mmd_estimator"])
     per_class = None if per is None else int(per)
     return _Reference(real_f, len(idx), per_class, real_cos, real_grid, show, gpc, gen, sigma, estimator)
 
@@ -206,7 +204,7 @@ def _analyze_method(
     """
     st = exp.stage
     images, labels, manifest = load_distilled(
-        d, expect_teacher_fingerprint=teacher_fp, allow_other_teacher=bool(st.get("allow_other_teacher", False))
+        d, expect_teacher_fingerprint=teacher_fp, allow_other_teacher=bool(st["allow_other_teacher"])
     )
     feats = features_of(teacher, _normalize_uint8(images, exp), bs, device)
     cos = within_class_cosine(feats, labels)
@@ -223,7 +221,7 @@ def _analyze_method(
     }
     grid = class_rows_grid(images, labels, ref.show, ref.grid_per_class)
     save_grid_png(grid, grids_dir / f"{label}.png")
-    if bool(st.get("per_class_grids", True)):
+    if bool(st["per_class_grids"]):
         for c, g in per_class_grids(images, labels).items():
             name = class_names[c] if c < len(class_names) else str(c)
             save_grid_png(g, grids_dir / label / f"{class_dir_name(c, name)}.png")
@@ -234,7 +232,7 @@ def _analyze_method(
 def run(exp: Experiment) -> dict[str, Any]:
     """Eq. 8 (``stage.mode=eq8``), or Eq. 8 plus diversity / MMD / grids of each method's images (``full``)."""
     st = exp.stage
-    mode = str(st.get("mode", "full"))
+    mode = str(st["mode"])
     if mode not in ("full", "eq8"):
         raise ConfigError(f"stage.mode must be 'full' or 'eq8', got '{mode}'")
     out = analysis_dir(exp)
@@ -251,7 +249,7 @@ def run(exp: Experiment) -> dict[str, Any]:
     teacher, teacher_fp = teacher_artifact.load(exp)
     device = _device(exp)
     teacher.to(device)
-    bs = int(st.get("feature_batch_size", 256))
+    bs = int(st["feature_batch_size"])
     if train is None:
         from lpld.data import build_dataset
 
@@ -284,7 +282,7 @@ def run(exp: Experiment) -> dict[str, Any]:
     for label, d in dirs.items():
         if not (d / "manifest.json").exists():
             msg = f"no distilled images for '{label}' at {d}; run `python run.py stage=recover recover={label}` first"
-            if str(st.get("missing", "skip")) == "error":
+            if str(st["missing"]) == "error":
                 raise ArtifactError(msg)
             log.warning("analyze: skipping %s (%s)", label, msg)
             continue
@@ -357,7 +355,7 @@ def _log_wandb(exp: Experiment, results: dict[str, Any], grids: dict[str, torch.
         data.append(["real", rr["num_images"], rr["cosine_mean"], rr["cosine_std"], math.nan])
         if hasattr(logger, "log_table"):
             logger.log_table(key="analyze/diversity", columns=cols, data=data)
-        if bool(exp.logger.get("log_images", True)):
+        if bool(exp.logger["log_images"]):
             for label, g in grids.items():
                 log_images_uint8(logger, f"analyze/grid_{label}", g[None], caption=f"{label}: first classes x images")
     finally:

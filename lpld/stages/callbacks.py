@@ -52,7 +52,7 @@ def results_file(cfg: DictConfig) -> Path | None:
     exp = freeze(cfg)  # the artifact modules read the frozen experiment, as in the job itself
     if stage == "student":
         return results.path(exp)
-    if not bool(exp.stage.get("report", True)):  # a reporting pipeline made its table
+    if not bool(exp.stage["report"]):  # a reporting pipeline made its table
         return results.path(exp, results.pipeline_name(exp))
     return None
 

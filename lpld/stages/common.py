@@ -246,7 +246,7 @@ def build_trainer(exp: Experiment, logger: Any = None, callbacks: list | None = 
     kwargs: dict[str, Any] = dict(
         accelerator=str(t.accelerator),
         devices=t.devices,
-        num_nodes=int(t.get("num_nodes", 1)),
+        num_nodes=int(t["num_nodes"]),
         strategy=str(t.strategy),
         precision=precision,
         logger=logger if logger is not None else False,
@@ -271,4 +271,4 @@ def _rich_ok() -> bool:
 
 
 def num_workers(exp: Experiment) -> int:
-    return int(exp.trainer.get("num_workers", 0))
+    return int(exp.trainer["num_workers"])

@@ -247,7 +247,7 @@ def run(exp: Experiment) -> dict[str, Any]:
         job.out_dir,
         state,
     )
-    module = RecoverModule(teacher, asdict(job), to_container(exp.dataset), int(exp.trainer.get("num_workers", 0) or 0))
+    module = RecoverModule(teacher, asdict(job), to_container(exp.dataset), int(exp.trainer["num_workers"] or 0))
     logger = build_logger(exp, "recover")
     try:
         trainer = build_trainer(

@@ -94,9 +94,9 @@ def checked_records(src: Path) -> list[dict[str, Any]]:
 def run(exp: Experiment) -> dict[str, Any]:
     st = exp.stage
     rows, cols = _as_list(st.get("rows"), "rows"), _as_list(st.get("cols"), "cols")
-    value = str(st.get("value", "top1"))
+    value = str(st["value"])
     where = _flatten(to_plain(st.where)) if st.get("where") else None
-    digits, scale, ddof = int(st.get("digits", 1)), float(st.get("scale", 1.0)), int(st.get("ddof", 1))
+    digits, scale, ddof = int(st["digits"]), float(st["scale"]), int(st["ddof"])
     src, out = resolve_inputs(exp)
     records = checked_records(src)
     log.info("report: %d records from %s", len(records), src)
@@ -119,9 +119,9 @@ def run(exp: Experiment) -> dict[str, Any]:
         log.warning("report: no frontier.md: %s", e)
     print(md)
     rgb = None
-    if bool(st.get("pareto", True)):
+    if bool(st["pareto"]):
         try:
-            group = str(st.get("pareto_group", "method"))
+            group = str(st["pareto_group"])
             pts = pareto_points(filter_records(records, where), value=value, group=group)
             png, rgb = pareto_plot(pts, value=value, scale=scale, title=title)
         except ReportError as e:
@@ -133,7 +133,7 @@ def run(exp: Experiment) -> dict[str, Any]:
             from lpld.report.wandb_log import log_report
 
             log_report(logger, table, filter_records(records, where), scale, ddof)  # numeric table + W&B chart
-            if rgb is not None and bool(exp.logger.get("log_images", True)):
+            if rgb is not None and bool(exp.logger["log_images"]):
                 pareto = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
                 # a caption is always passed: WandbLogger.log_image fails on caption=None (lightning 2.x)
                 log_images_uint8(logger, "report/pareto", pareto, caption=f"{value} vs total storage")

@@ -35,7 +35,7 @@ def stats_job(exp: Experiment, out: Path) -> StatsJob:
         augment=st["augment"],
         seed=stats_artifact.stats_seed(exp),
         max_images=int(limit) if limit else None,
-        num_workers=int(exp.trainer.get("num_workers", 0)),
+        num_workers=int(exp.trainer["num_workers"]),
         out_path=str(out),
     )
 

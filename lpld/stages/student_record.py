@@ -49,7 +49,7 @@ def run_files(exp: Experiment, inp: StudentInputs) -> RunFiles:
         world=inp.world,
         precision=resolve_precision(exp.trainer, "student"),
     )
-    results = results_artifact.path(exp, str(inp.stage.get("results_name", "results")))
+    results = results_artifact.path(exp, str(inp.stage["results_name"]))
     return RunFiles(run_spec.key(), students_artifact.path(exp, run_spec), results)
 
 
@@ -58,7 +58,7 @@ def finished_run(exp: Experiment, files: RunFiles, accelerator: Any) -> dict[str
     None to train / resume. Rank 0 decides and moves folders; every rank takes the same branch."""
     from lpld import dist
 
-    overwrite = bool(exp.stage.get("overwrite", False))
+    overwrite = bool(exp.stage["overwrite"])
 
     def decide() -> dict[str, Any] | None:
         done = students_artifact.prepare(files.run_dir, files.final, overwrite)

@@ -121,7 +121,7 @@ def load_inputs(exp: Experiment) -> StudentInputs:
     images, labels, img_man = load_distilled(
         images_dir,
         expect_teacher_fingerprint=teacher_fp,
-        allow_other_teacher=bool(exp.stage.get("allow_other_teacher", False)),
+        allow_other_teacher=bool(exp.stage["allow_other_teacher"]),
     )
     store_dir = label_store_dir(exp)
     if not exp.stage.get("store") and not (store_dir / "manifest.json").is_file():
@@ -132,7 +132,7 @@ def load_inputs(exp: Experiment) -> StudentInputs:
             f"no label store at {store_dir}; run `python run.py stage=relabel` with the same overrides first"
             + missing_hint(exp, "labels", labels_artifact.spec(store_config(exp)))
         )
-    store = LabelStore.open(store_dir, verify=str(exp.stage.get("verify", "fast")))
+    store = LabelStore.open(store_dir, verify=str(exp.stage["verify"]))
     st = student_settings(exp, store.manifest)
     check_store(store, img_man, images, spec, st, store_dir)
     return StudentInputs(

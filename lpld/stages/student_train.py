@@ -99,7 +99,7 @@ def build_data(inp: StudentInputs, pool: Pool) -> Any:
         inp.seed,
         accumulate=int(inp.settings["accumulate"]),
         val_dataset=val,
-        val_batch_size=int(inp.stage.get("val_batch_size", 256)),
+        val_batch_size=int(inp.stage["val_batch_size"]),
         num_workers=inp.workers if nw is None else int(nw),
         val_num_workers=inp.workers,
         draw=inp.settings["draw"],
@@ -116,8 +116,8 @@ def train(
     from lpld.lit.fit import fit_with_resume, resumable_checkpoint
 
     st, run_dir = inp.settings, files.run_dir
-    ckpt = resumable_checkpoint(run_dir, int(inp.stage.get("ckpt_every", 1)), save_on_train_epoch_end=True)
-    val_every = int(inp.stage.get("val_every", 10))
+    ckpt = resumable_checkpoint(run_dir, int(inp.stage["ckpt_every"]), save_on_train_epoch_end=True)
+    val_every = int(inp.stage["val_every"])
     logger = build_logger(exp, "student", store_manifest=inp.manifest)  # name: common.run_name
     t0 = time.perf_counter()
     try:
