@@ -198,18 +198,19 @@ def planned_world_size(cfg: Any) -> int:
     return n * int(t.get("num_nodes", 1) or 1)
 
 
-def per_rank_batch(global_batch: int, world: int, key: str) -> int:
+def per_rank_batch(global_batch: int, world: int, key: str, unit: str = "one optimizer step over all ranks") -> int:
     """``global_batch / world``, refusing a world size that does not divide it (the recipe stays global).
 
     Args:
         global_batch: the recipe's batch (what one optimizer step consumes over all ranks).
         world: number of processes.
         key: the config key of the batch size, named in the error.
+        unit: what one global batch is (named in the error).
     """
     if world < 1 or global_batch % world:
         ok = [w for w in range(1, min(global_batch, 64) + 1) if global_batch % w == 0]
         raise ValueError(
-            f"{key}={global_batch} is the global batch (one optimizer step over all ranks) and must be divisible "
+            f"{key}={global_batch} is the global batch ({unit}) and must be divisible "
             f"by the world size {world}; use trainer.devices (x trainer.num_nodes) in {ok}, or set {key} to a "
             f"multiple of {world}"
         )
