@@ -215,3 +215,47 @@ def per_rank_batch(global_batch: int, world: int, key: str, unit: str = "one opt
             f"multiple of {world}"
         )
     return global_batch // world
+
+
+_SPAWN_STRATEGIES = ("spawn", "fork", "notebook")  # strategies whose ranks Lightning starts in-process
+
+
+def relaunches_per_rank(cfg: Any) -> bool:
+    """The trainer preset makes Lightning re-run the command for ranks 1.. (``ddp``, ``auto`` on several devices,
+    fsdp / deepspeed): more than one process planned and no spawn / fork strategy."""
+    strategy = str(cfg.trainer.get("strategy", "auto") or "auto")
+    return planned_world_size(cfg) > 1 and not any(s in strategy for s in _SPAWN_STRATEGIES)
+
+
+def require_launcher(cfg: Any, what: str) -> None:
+    """Refuse to run ``what`` under Lightning's own re-launch (``python run.py ... trainer=ddp``, no torchrun/srun).
+
+    The re-launched children start inside rank 0's *first* Trainer and run the command from its beginning: a
+    command that runs several Trainers one after the other (``stage=pipeline``) would make them start its first
+    step while rank 0 is in a later one, cross-match collectives and hang until the timeout. Ranks started by a
+    launcher (torchrun, srun) or spawned ones (``trainer=ddp_spawn``) run every step together.
+
+    Raises:
+        ConfigError: several processes are planned, the strategy re-launches the command, and no launcher started
+            this process; the message names the torchrun command to use.
+    """
+    import shlex
+    import sys
+
+    from lpld.errors import ConfigError
+
+    if not relaunches_per_rank(cfg) or launch_mode() in ("torchrun", "slurm", "group"):
+        return
+    t = cfg.trainer
+    nodes = int(t.get("num_nodes", 1) or 1)
+    per_node = planned_world_size(cfg) // nodes
+    script = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "run.py" else "run.py"
+    args = " ".join(shlex.quote(str(o)) for o in (getattr(cfg, "overrides", None) or []))
+    launcher = f"torchrun --nproc_per_node={per_node}"
+    if nodes > 1:
+        launcher += f" --nnodes={nodes} --node_rank=<this node> --master_addr=<node 0>"
+    raise ConfigError(
+        f"{what} with trainer.strategy={t.get('strategy')} on {planned_world_size(cfg)} processes needs its ranks "
+        f"started by a launcher (Lightning's own re-launch restarts every rank at the first step and hangs): run "
+        f"`{launcher} {script} {args}` (or srun with one task per device), or use trainer=ddp_spawn"
+    )

@@ -188,3 +188,50 @@ def test_decide_over_two_gloo_processes(tmp_path):
     assert r0["calls"] == [0] and r1["calls"] == []
     assert r0["err"] == r1["err"] == "rank 0 refused: set stage.overwrite=true"
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+
+
+def test_pipeline_needs_a_launcher_under_lightnings_relaunch(clean_env):
+    """trainer=ddp on several processes without torchrun/srun: Lightning would re-run the pipeline per rank (issue
+    20 item 3); refused with the torchrun command. Launched ranks, spawn and one device run."""
+    from lpld.errors import ConfigError
+
+    ddp = ["stage=pipeline", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    with pytest.raises(ConfigError, match=r"`torchrun --nproc_per_node=2 \S*run.py stage=pipeline trainer=ddp "):
+        dist.require_launcher(compose_cfg(ddp), "stage=pipeline")
+    auto = ["stage=pipeline", "trainer=cpu", "trainer.devices=4", "trainer.num_nodes=2", "trainer.strategy=auto"]
+    with pytest.raises(ConfigError, match=r"on 8 processes.*`torchrun --nproc_per_node=4 --nnodes=2 "):
+        dist.require_launcher(compose_cfg(auto), "stage=pipeline")
+    for fine in (["stage=pipeline", "trainer=ddp_cpu"], [*ddp, "trainer.devices=1"]):
+        dist.require_launcher(compose_cfg(fine), "stage=pipeline")
+    clean_env.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun
+    clean_env.setenv("WORLD_SIZE", "2")
+    dist.require_launcher(compose_cfg(ddp), "stage=pipeline")
+    clean_env.delenv("TORCHELASTIC_RUN_ID")
+    clean_env.delenv("WORLD_SIZE")
+    for k, v in (("SLURM_NTASKS", "2"), ("SLURM_PROCID", "1"), ("SLURM_JOB_NAME", "lpld")):  # srun
+        clean_env.setenv(k, v)
+    dist.require_launcher(compose_cfg(ddp), "stage=pipeline")
+
+
+def test_pipeline_with_ddp_without_torchrun_refuses_before_any_work(tmp_path):
+    """`python run.py stage=pipeline trainer=ddp` (2 CPU processes, no launcher) exits at once with one line naming
+    the torchrun command, and writes no artifact (it used to hang until the collective timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(LPLD_NO_RICH="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, str(REPO / "run.py"), "stage=pipeline", "trainer=ddp", "trainer.accelerator=cpu"]
+    cmd += ["trainer.devices=2", f"paths.root={tmp_path}", "logger=none"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    line = [ln for ln in out.splitlines() if ln.startswith("lpld error:")]
+    assert len(line) == 1 and "`torchrun --nproc_per_node=2 " in line[0], out[-3000:]
+    assert "run.py stage=pipeline trainer=ddp trainer.accelerator=cpu trainer.devices=2" in line[0]
+    assert "Traceback" not in out and not (tmp_path / "artifacts").exists()
