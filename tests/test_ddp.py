@@ -235,3 +235,41 @@ def test_pipeline_with_ddp_without_torchrun_refuses_before_any_work(tmp_path):
     assert len(line) == 1 and "`torchrun --nproc_per_node=2 " in line[0], out[-3000:]
     assert "run.py stage=pipeline trainer=ddp trainer.accelerator=cpu trainer.devices=2" in line[0]
     assert "Traceback" not in out and not (tmp_path / "artifacts").exists()
+
+
+def _spawned_rank_flags(rank: int, cb, out: str) -> None:
+    """A ddp_spawn rank: a fresh process that receives the pickled callbacks; Lightning calls their ``setup`` there."""
+    import json
+    import types
+
+    import torch
+
+    before = [torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    torch.cuda.is_available = lambda: True  # stands in for the rank's GPU: only the flags are exercised
+    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", rank)))
+    cb.setup(trainer, torch.nn.Module(), "fit")
+    after = [torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    with open(f"{out}/r{rank}.json", "w") as f:
+        json.dump({"before": before, "after": after}, f)
+
+
+@pytest.mark.slow
+def test_spawned_ranks_get_the_backend_flags(tmp_path):
+    """Issue 20 item 4: build_trainer sets cuDNN benchmark / TF32 in the launching process only; a ddp_spawn rank
+    starts with torch's defaults, so the GpuPerf callback (run in every rank) sets them there."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from lpld.lit.perf import GpuPerf, PerfOptions
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # the parent's flag, as build_trainer would set it on a GPU run
+    try:
+        mp.spawn(_spawned_rank_flags, args=(GpuPerf(PerfOptions(cudnn_benchmark=True, tf32=True)), str(tmp_path)))
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    got = json.loads((tmp_path / "r0.json").read_text())
+    assert got["before"] == [False, False, got["before"][2]]  # not inherited by the spawned process
+    assert got["after"] == [True, True, True]
