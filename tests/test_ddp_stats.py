@@ -102,12 +102,17 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
     assert a["layers"] == b["layers"] and a["mode"] == b["mode"]
     assert a["count"].tolist() == b["count"].tolist(), what
     assert a["missing"] == b["missing"]
+    dm = max(float((x - y).abs().max()) for x, y in zip(a["mean"], b["mean"], strict=True))
+    dv = max(float(((x - y).abs() / x.abs().clamp_min(1e-12)).max()) for x, y in zip(a["var"], b["var"], strict=True))
+    print(f"{what}: max |d mean| {dm:.3g}, max relative d var {dv:.3g}")
     for x, y in zip([*a["mean"], *a["var"]], [*b["mean"], *b["var"]], strict=True):
         # float64 sums reduced in another order, conv outputs of 3-row vs 6-row batches: float32 output tolerance
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=what)
 
 
-def test_two_processes_give_the_one_process_statistics_in_every_mode(teacher_root):
+@pytest.fixture(scope="module")
+def reference(teacher_root):
+    """The 1-process statistics of every mode (and the check that the EMA depends on the batch)."""
     base, data, root = teacher_root
     ref = {}
     for mode in MODES:
@@ -122,8 +127,14 @@ def test_two_processes_give_the_one_process_statistics_in_every_mode(teacher_roo
     ov = [*_stats_over(other, data), "stage.mode=official", f"stage.batch_size={2 * BATCH}"]
     _single(ov)
     d = max(float((x - y).abs().max()) for x, y in zip(ref["official"]["mean"], _load(ov)["mean"]))
+    print(f"official mode, batch {BATCH} vs {2 * BATCH} (the old 2-rank behaviour): max |d mean| {d:.3g}")
     assert d > 1e-3, "the batch size must matter to the EMA, or this test proves nothing"
+    return ref
 
+
+def test_two_processes_give_the_one_process_statistics_in_every_mode(teacher_root, reference):
+    base, data, root = teacher_root
+    ref = reference
     two = base / "torchrun"
     _copy_teacher(root, two, data)
     worker = base / "stats_worker.py"
@@ -136,6 +147,18 @@ def test_two_processes_give_the_one_process_statistics_in_every_mode(teacher_roo
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     for mode in MODES:
         _assert_same(ref[mode], _load([*_stats_over(two, data), f"stage.mode={mode}"]), f"stats {mode}: 1 vs 2 ranks")
+
+
+@pytest.mark.slow
+def test_ddp_spawn_gives_the_one_process_statistics_in_every_mode(teacher_root, reference):
+    """The same property under trainer=ddp_cpu (ddp_spawn: the stage body runs once, its 2 ranks are spawned)."""
+    base, data, root = teacher_root
+    spawn = base / "spawn"
+    _copy_teacher(root, spawn, data)
+    for mode in MODES:
+        ov = [*_stats_over(spawn, data), f"stage.mode={mode}", "trainer=ddp_cpu", "trainer.precision=32-true"]
+        _single(ov)
+        _assert_same(reference[mode], _load(ov), f"stats {mode}: 1 process vs ddp_spawn")
 
 
 def test_a_world_size_that_does_not_divide_the_stats_batch_is_refused(tmp_path):
