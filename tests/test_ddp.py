@@ -273,3 +273,37 @@ def test_spawned_ranks_get_the_backend_flags(tmp_path):
     got = json.loads((tmp_path / "r0.json").read_text())
     assert got["before"] == [False, False, got["before"][2]]  # not inherited by the spawned process
     assert got["after"] == [True, True, True]
+
+
+@pytest.mark.slow
+def test_the_named_torchrun_command_runs_the_pipeline(tmp_path):
+    """What the refusal above names: `torchrun --nproc_per_node=2 run.py stage=pipeline trainer=ddp ...` runs every
+    step on both ranks (2 gloo processes, a one-cell grid) and writes the student's result once."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO, write_image_tree
+
+    data = write_image_tree(tmp_path / "data", n_classes=4, per_class=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ov = [f"dataset.root={data}", "dataset=imagefolder", "dataset.num_classes=4", "dataset.image_size=8"]
+    ov += ["model=convnet", "model.width=8", "logger=none", f"paths.root={tmp_path / 'out'}", "ipc=2", "seed=0"]
+    ov += ["trainer.num_workers=0", "recover.iterations=3", "dataset.recipe.squeeze.epochs=1"]
+    ov += ["dataset.recipe.squeeze.batch_size=8", "dataset.recipe.student.epochs=1"]
+    ov += ["dataset.recipe.student.batch_size=4"]
+    ov += ["stage.methods=[lpld]", "stage.prunes=[1x]", "stage.baselines=[]", "stage.hard_labels=false"]
+    ov += ["stage.report=false", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ov += ["trainer.precision=32-true"]
+    env = dict(os.environ, LPLD_NO_RICH="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    cmd += [str(REPO / "run.py"), "stage=pipeline", *ov]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    res = list((tmp_path / "out" / "artifacts" / "imagefolder" / "results").glob("*.jsonl"))
+    recs = [json.loads(line) for f in res for line in f.read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["world_size"] == 2 and recs[0]["method"] == "lpld"
