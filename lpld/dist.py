@@ -118,11 +118,30 @@ def ensure_group(accelerator: str = "cpu") -> str:
     backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
     if gpu:
         torch.cuda.set_device(_int_env("LOCAL_RANK") or 0)
-    # rank 0 may hash a whole label store (finalize) while the others wait at a barrier: allow 2 h by default
-    minutes = float(os.environ.get("LPLD_DIST_TIMEOUT_MIN", "120") or 120)
-    tdist.init_process_group(backend, rank=env_rank(), world_size=env_world(), timeout=timedelta(minutes=minutes))
+    tdist.init_process_group(backend, rank=env_rank(), world_size=env_world(), timeout=group_timeout())
     log.info("process group (%s) initialised: rank %d of %d", backend, env_rank(), env_world())
     return "group"
+
+
+def group_timeout() -> timedelta:
+    """Timeout of every collective: ``LPLD_DIST_TIMEOUT_MIN`` minutes, 120 by default (rank 0 may hash a whole label
+    store in finalize while the other ranks wait at a barrier; torch's and Lightning's default is 30 minutes)."""
+    return timedelta(minutes=float(os.environ.get("LPLD_DIST_TIMEOUT_MIN", "120") or 120))
+
+
+def trainer_strategy(name: str) -> Any:
+    """The Trainer's ``strategy`` argument for a preset's strategy name.
+
+    A DDP strategy (``ddp``, ``ddp_spawn``, ``ddp_find_unused_parameters_true`` ...) is built as Lightning builds it
+    from the name, plus :func:`group_timeout`: under ddp_spawn and Lightning's own re-launch Lightning creates the
+    process group itself, with its 30-minute default. Any other name (``auto``, fsdp ...) is passed through.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+    if name not in StrategyRegistry or not issubclass(StrategyRegistry[name]["strategy"], DDPStrategy):
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**entry["init_params"], timeout=group_timeout())
 
 
 def barrier() -> None:

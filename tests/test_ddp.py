@@ -307,3 +307,26 @@ def test_the_named_torchrun_command_runs_the_pipeline(tmp_path):
     res = list((tmp_path / "out" / "artifacts" / "imagefolder" / "results").glob("*.jsonl"))
     recs = [json.loads(line) for f in res for line in f.read_text().splitlines()]
     assert len(recs) == 1 and recs[0]["world_size"] == 2 and recs[0]["method"] == "lpld"
+
+
+def test_ddp_trainers_get_the_lpld_group_timeout(monkeypatch):
+    """Issue 20 item 4: under ddp_spawn and Lightning's own re-launch Lightning creates the process group, with its
+    30-minute default; the trainers lpld builds carry LPLD_DIST_TIMEOUT_MIN (default 120) instead, and keep the
+    preset's start method and options."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lpld.stages.common import build_trainer
+
+    monkeypatch.delenv("LPLD_DIST_TIMEOUT_MIN", raising=False)
+    tr = build_trainer(compose_cfg(["stage=stats", "trainer=ddp_cpu", "logger=none"]))
+    assert isinstance(tr.strategy, DDPStrategy) and tr.strategy._start_method == "spawn"
+    assert tr.strategy._timeout == timedelta(minutes=120)
+    monkeypatch.setenv("LPLD_DIST_TIMEOUT_MIN", "7")
+    s = dist.trainer_strategy("ddp_find_unused_parameters_true")
+    assert (s._timeout, s._start_method) == (timedelta(minutes=7), "popen")
+    assert s._ddp_kwargs == {"find_unused_parameters": True}
+    assert dist.trainer_strategy("auto") == "auto" and dist.trainer_strategy("fsdp") == "fsdp"
+    one = build_trainer(compose_cfg(["stage=stats", "trainer=cpu", "logger=none"]))
+    assert not isinstance(one.strategy, DDPStrategy)
