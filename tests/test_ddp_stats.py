@@ -146,7 +146,9 @@ def test_two_processes_give_the_one_process_statistics_in_every_mode(teacher_roo
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     for mode in MODES:
-        _assert_same(ref[mode], _load([*_stats_over(two, data), f"stage.mode={mode}"]), f"stats {mode}: 1 vs 2 ranks")
+        got = _load([*_stats_over(two, data), f"stage.mode={mode}"])
+        _assert_same(ref[mode], got, f"stats {mode}: 1 vs 2 ranks")
+        assert (ref[mode]["world_size"], got["world_size"], got["global_batch"]) == (1, 2, BATCH)
 
 
 @pytest.mark.slow

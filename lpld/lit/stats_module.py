@@ -131,6 +131,9 @@ class StatsModule(L.LightningModule):
             class_names=self.class_names,
             dataset=str(self.job.dataset["name"]),
             model=self.job.model_name,
+            # the batch every EMA update saw, over `world_size` ranks (a pre-issue-20 multi-rank EMA file lacks it)
+            global_batch=int(self.job.batch_size),
+            world_size=int(self.trainer.world_size),
         )
         out["missing_names"] = [self.class_names[i] for i in out["missing"]]
         check_finite_stats(out)
