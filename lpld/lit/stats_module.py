@@ -181,8 +181,8 @@ def check_stats_batch(batch_size: int, world: int) -> int:
 
 
 class GlobalBatchShards(Sampler[list[int]]):
-    """Batch sampler: rank ``rank``'s rows of every global batch of the pass (sizes ``B / W``, never padded with
-    real images).
+    """Batch sampler: rank ``rank``'s rows of every global batch of the pass (at most ``B / W`` each; no image is
+    served twice).
 
     The order (``randperm(n)`` from ``seed``, or ``range(n)``) is cut into global batches of ``global_batch``
     rows, as one process would; rank ``r`` takes rows ``r, r + W, ...`` of each. Every rank yields the same
