@@ -118,11 +118,30 @@ def ensure_group(accelerator: str = "cpu") -> str:
     backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
     if gpu:
         torch.cuda.set_device(_int_env("LOCAL_RANK") or 0)
-    # rank 0 may hash a whole label store (finalize) while the others wait at a barrier: allow 2 h by default
-    minutes = float(os.environ.get("LPLD_DIST_TIMEOUT_MIN", "120") or 120)
-    tdist.init_process_group(backend, rank=env_rank(), world_size=env_world(), timeout=timedelta(minutes=minutes))
+    tdist.init_process_group(backend, rank=env_rank(), world_size=env_world(), timeout=group_timeout())
     log.info("process group (%s) initialised: rank %d of %d", backend, env_rank(), env_world())
     return "group"
+
+
+def group_timeout() -> timedelta:
+    """Timeout of every collective: ``LPLD_DIST_TIMEOUT_MIN`` minutes, 120 by default (rank 0 may hash a whole label
+    store in finalize while the other ranks wait at a barrier; torch's and Lightning's default is 30 minutes)."""
+    return timedelta(minutes=float(os.environ.get("LPLD_DIST_TIMEOUT_MIN", "120") or 120))
+
+
+def trainer_strategy(name: str) -> Any:
+    """The Trainer's ``strategy`` argument for a preset's strategy name.
+
+    A DDP strategy (``ddp``, ``ddp_spawn``, ``ddp_find_unused_parameters_true`` ...) is built as Lightning builds it
+    from the name, plus :func:`group_timeout`: under ddp_spawn and Lightning's own re-launch Lightning creates the
+    process group itself, with its 30-minute default. Any other name (``auto``, fsdp ...) is passed through.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+    if name not in StrategyRegistry or not issubclass(StrategyRegistry[name]["strategy"], DDPStrategy):
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**entry["init_params"], timeout=group_timeout())
 
 
 def barrier() -> None:
@@ -198,19 +217,64 @@ def planned_world_size(cfg: Any) -> int:
     return n * int(t.get("num_nodes", 1) or 1)
 
 
-def per_rank_batch(global_batch: int, world: int, key: str) -> int:
+def per_rank_batch(global_batch: int, world: int, key: str, unit: str = "one optimizer step over all ranks") -> int:
     """``global_batch / world``, refusing a world size that does not divide it (the recipe stays global).
 
     Args:
         global_batch: the recipe's batch (what one optimizer step consumes over all ranks).
         world: number of processes.
         key: the config key of the batch size, named in the error.
+        unit: what one global batch is (named in the error).
     """
     if world < 1 or global_batch % world:
         ok = [w for w in range(1, min(global_batch, 64) + 1) if global_batch % w == 0]
         raise ValueError(
-            f"{key}={global_batch} is the global batch (one optimizer step over all ranks) and must be divisible "
+            f"{key}={global_batch} is the global batch ({unit}) and must be divisible "
             f"by the world size {world}; use trainer.devices (x trainer.num_nodes) in {ok}, or set {key} to a "
             f"multiple of {world}"
         )
     return global_batch // world
+
+
+_SPAWN_STRATEGIES = ("spawn", "fork", "notebook")  # strategies whose ranks Lightning starts in-process
+
+
+def relaunches_per_rank(cfg: Any) -> bool:
+    """The trainer preset makes Lightning re-run the command for ranks 1.. (``ddp``, ``auto`` on several devices,
+    fsdp / deepspeed): more than one process planned and no spawn / fork strategy."""
+    strategy = str(cfg.trainer.get("strategy", "auto") or "auto")
+    return planned_world_size(cfg) > 1 and not any(s in strategy for s in _SPAWN_STRATEGIES)
+
+
+def require_launcher(cfg: Any, what: str) -> None:
+    """Refuse to run ``what`` under Lightning's own re-launch (``python run.py ... trainer=ddp``, no torchrun/srun).
+
+    The re-launched children start inside rank 0's *first* Trainer and run the command from its beginning: a
+    command that runs several Trainers one after the other (``stage=pipeline``) would make them start its first
+    step while rank 0 is in a later one, cross-match collectives and hang until the timeout. Ranks started by a
+    launcher (torchrun, srun) or spawned ones (``trainer=ddp_spawn``) run every step together.
+
+    Raises:
+        ConfigError: several processes are planned, the strategy re-launches the command, and no launcher started
+            this process; the message names the torchrun command to use.
+    """
+    import shlex
+    import sys
+
+    from lpld.errors import ConfigError
+
+    if not relaunches_per_rank(cfg) or launch_mode() in ("torchrun", "slurm", "group"):
+        return
+    t = cfg.trainer
+    nodes = int(t.get("num_nodes", 1) or 1)
+    per_node = planned_world_size(cfg) // nodes
+    script = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "run.py" else "run.py"
+    args = " ".join(shlex.quote(str(o)) for o in (getattr(cfg, "overrides", None) or []))
+    launcher = f"torchrun --nproc_per_node={per_node}"
+    if nodes > 1:
+        launcher += f" --nnodes={nodes} --node_rank=<this node> --master_addr=<node 0>"
+    raise ConfigError(
+        f"{what} with trainer.strategy={t.get('strategy')} on {planned_world_size(cfg)} processes needs its ranks "
+        f"started by a launcher (Lightning's own re-launch restarts every rank at the first step and hangs): run "
+        f"`{launcher} {script} {args}` (or srun with one task per device), or use trainer=ddp_spawn"
+    )

@@ -222,3 +222,145 @@ def test_plan_covers_squeeze_stats_and_recover(tmp_path):
     saved = torch.load(stats_artifact.path(exp), weights_only=True)
     tensor_bytes = sum(t.numel() * t.element_size() for t in [*saved["mean"], *saved["var"]])
     assert plan.plan(exp)["stats"]["file_bytes"] == tensor_bytes
+
+
+def test_pipeline_needs_a_launcher_under_lightnings_relaunch(clean_env):
+    """trainer=ddp on several processes without torchrun/srun: Lightning would re-run the pipeline per rank (issue
+    20 item 3); refused with the torchrun command. Launched ranks, spawn and one device run."""
+    from lpld.errors import ConfigError
+
+    ddp = ["stage=pipeline", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    with pytest.raises(ConfigError, match=r"`torchrun --nproc_per_node=2 \S*run.py stage=pipeline trainer=ddp "):
+        dist.require_launcher(compose_cfg(ddp), "stage=pipeline")
+    auto = ["stage=pipeline", "trainer=cpu", "trainer.devices=4", "trainer.num_nodes=2", "trainer.strategy=auto"]
+    with pytest.raises(ConfigError, match=r"on 8 processes.*`torchrun --nproc_per_node=4 --nnodes=2 "):
+        dist.require_launcher(compose_cfg(auto), "stage=pipeline")
+    for fine in (["stage=pipeline", "trainer=ddp_cpu"], [*ddp, "trainer.devices=1"]):
+        dist.require_launcher(compose_cfg(fine), "stage=pipeline")
+    clean_env.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun
+    clean_env.setenv("WORLD_SIZE", "2")
+    dist.require_launcher(compose_cfg(ddp), "stage=pipeline")
+    clean_env.delenv("TORCHELASTIC_RUN_ID")
+    clean_env.delenv("WORLD_SIZE")
+    for k, v in (("SLURM_NTASKS", "2"), ("SLURM_PROCID", "1"), ("SLURM_JOB_NAME", "lpld")):  # srun
+        clean_env.setenv(k, v)
+    dist.require_launcher(compose_cfg(ddp), "stage=pipeline")
+
+
+def test_pipeline_with_ddp_without_torchrun_refuses_before_any_work(tmp_path):
+    """`python run.py stage=pipeline trainer=ddp` (2 CPU processes, no launcher) exits at once with one line naming
+    the torchrun command, and writes no artifact (it used to hang until the collective timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(LPLD_NO_RICH="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, str(REPO / "run.py"), "stage=pipeline", "trainer=ddp", "trainer.accelerator=cpu"]
+    cmd += ["trainer.devices=2", f"paths.root={tmp_path}", "logger=none"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    line = [ln for ln in out.splitlines() if ln.startswith("lpld error:")]
+    assert len(line) == 1 and "`torchrun --nproc_per_node=2 " in line[0], out[-3000:]
+    assert "run.py stage=pipeline trainer=ddp trainer.accelerator=cpu trainer.devices=2" in line[0]
+    assert "Traceback" not in out and not (tmp_path / "artifacts").exists()
+
+
+def _spawned_rank_flags(rank: int, cb, out: str) -> None:
+    """A ddp_spawn rank: a fresh process that receives the pickled callbacks; Lightning calls their ``setup`` there."""
+    import json
+    import types
+
+    import torch
+
+    before = [torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    torch.cuda.is_available = lambda: True  # stands in for the rank's GPU: only the flags are exercised
+    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", rank)))
+    cb.setup(trainer, torch.nn.Module(), "fit")
+    after = [torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    with open(f"{out}/r{rank}.json", "w") as f:
+        json.dump({"before": before, "after": after}, f)
+
+
+@pytest.mark.slow
+def test_spawned_ranks_get_the_backend_flags(tmp_path):
+    """Issue 20 item 4: build_trainer sets cuDNN benchmark / TF32 in the launching process only; a ddp_spawn rank
+    starts with torch's defaults, so the GpuPerf callback (run in every rank) sets them there."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from lpld.lit.perf import GpuPerf, PerfOptions
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # the parent's flag, as build_trainer would set it on a GPU run
+    try:
+        mp.spawn(_spawned_rank_flags, args=(GpuPerf(PerfOptions(cudnn_benchmark=True, tf32=True)), str(tmp_path)))
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    got = json.loads((tmp_path / "r0.json").read_text())
+    assert got["before"] == [False, False, got["before"][2]]  # not inherited by the spawned process
+    assert got["after"] == [True, True, True]
+
+
+@pytest.mark.slow
+def test_the_named_torchrun_command_runs_the_pipeline(tmp_path):
+    """What the refusal above names: `torchrun --nproc_per_node=2 run.py stage=pipeline trainer=ddp ...` runs every
+    step on both ranks (2 gloo processes, a one-cell grid) and writes the student's result once."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO, write_image_tree
+
+    data = write_image_tree(tmp_path / "data", n_classes=4, per_class=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ov = [f"dataset.root={data}", "dataset=imagefolder", "dataset.num_classes=4", "dataset.image_size=8"]
+    ov += ["model=convnet", "model.width=8", "logger=none", f"paths.root={tmp_path / 'out'}", "ipc=2", "seed=0"]
+    ov += ["trainer.num_workers=0", "recover.iterations=3", "dataset.recipe.squeeze.epochs=1"]
+    ov += ["dataset.recipe.squeeze.batch_size=8", "dataset.recipe.student.epochs=1"]
+    ov += ["dataset.recipe.student.batch_size=4"]
+    ov += ["stage.methods=[lpld]", "stage.prunes=[1x]", "stage.baselines=[]", "stage.hard_labels=false"]
+    ov += ["stage.report=false", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ov += ["trainer.precision=32-true"]
+    env = dict(os.environ, LPLD_NO_RICH="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    cmd += [str(REPO / "run.py"), "stage=pipeline", *ov]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    res = list((tmp_path / "out" / "artifacts" / "imagefolder" / "results").glob("*.jsonl"))
+    recs = [json.loads(line) for f in res for line in f.read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["world_size"] == 2 and recs[0]["method"] == "lpld"
+
+
+def test_ddp_trainers_get_the_lpld_group_timeout(monkeypatch):
+    """Issue 20 item 4: under ddp_spawn and Lightning's own re-launch Lightning creates the process group, with its
+    30-minute default; the trainers lpld builds carry LPLD_DIST_TIMEOUT_MIN (default 120) instead, and keep the
+    preset's start method and options."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lpld.stages.common import build_trainer
+
+    monkeypatch.delenv("LPLD_DIST_TIMEOUT_MIN", raising=False)
+    tr = build_trainer(compose_cfg(["stage=stats", "trainer=ddp_cpu", "logger=none"]))
+    assert isinstance(tr.strategy, DDPStrategy) and tr.strategy._start_method == "spawn"
+    assert tr.strategy._timeout == timedelta(minutes=120)
+    monkeypatch.setenv("LPLD_DIST_TIMEOUT_MIN", "7")
+    s = dist.trainer_strategy("ddp_find_unused_parameters_true")
+    assert (s._timeout, s._start_method) == (timedelta(minutes=7), "popen")
+    assert s._ddp_kwargs == {"find_unused_parameters": True}
+    assert dist.trainer_strategy("auto") == "auto" and dist.trainer_strategy("fsdp") == "fsdp"
+    one = build_trainer(compose_cfg(["stage=stats", "trainer=cpu", "logger=none"]))
+    assert not isinstance(one.strategy, DDPStrategy)

@@ -100,6 +100,7 @@ class ClasswiseBNStats:
             self.run_mean = [torch.zeros(C, k.numel(), dtype=torch.float64, device=dev) for k in self.shift]
             self.run_var = [torch.ones(C, k.numel(), dtype=torch.float64, device=dev) for k in self.shift]
         self._y: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # rows of the current batch that count (None: all)
         # Optional cross-process reduction applied to per-batch sums in EMA mode (DDP: the EMA
         # then sees the global batch, as SyncBatchNorm would). Set by the Lightning glue.
         self.batch_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -118,6 +119,8 @@ class ClasswiseBNStats:
         mean, var, n = per_sample_moments(x.float())
         self.positions[i] = n
         d = mean - self.shift[i].double()  # (B, ch) per-sample mean minus the shift
+        if self._valid is not None:  # padding rows went through the model but count nowhere
+            d, var = d[self._valid], var[self._valid]
         b1 = d * n  # per-sample sum of (x - K)
         b2 = (var + d * d) * n  # per-sample sum of (x - K)^2
         if self.mode == "exact":
@@ -148,16 +151,31 @@ class ClasswiseBNStats:
         self.run_var[i][present] = (1 - m) * self.run_var[i][present] + m * bstat[present]
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One eval-mode forward of ``x`` (B, ...) with labels ``y`` (B,); returns the logits."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One eval-mode forward of ``x`` (B, ...) with labels ``y`` (B,); returns the logits.
+
+        Args:
+            x: (B, ...) images.
+            y: (B,) labels.
+            valid: (B,) bool, the rows that count (None: all). A DDP rank whose share of the last global batch
+                is empty forwards a padding row (``valid`` all False) so that it still joins every
+                ``batch_reduce`` of that batch; the model is in eval mode, so rows do not interact.
+        """
         if y.min() < 0 or y.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}); got range [{int(y.min())}, {int(y.max())}]")
         self.model.eval()
-        self._y = y.to(self.count.device).long()
-        self.count.index_put_((self._y,), torch.ones_like(self._y, dtype=torch.float64), accumulate=True)
-        with self._hooks:
-            out = self.model(x)
-        self._y = None
+        y = y.to(self.count.device).long()
+        if valid is not None:
+            valid = valid.to(self.count.device).bool()
+            self._valid = None if bool(valid.all()) else valid
+            y = y[valid]
+        self._y = y
+        self.count.index_put_((y,), torch.ones_like(y, dtype=torch.float64), accumulate=True)
+        try:
+            with self._hooks:
+                out = self.model(x)
+        finally:
+            self._y, self._valid = None, None
         return out
 
     def to_private(self, device: torch.device | str) -> None:

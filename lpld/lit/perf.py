@@ -93,6 +93,8 @@ class GpuPerf(Callback):
         if trainer.strategy.root_device.type != "cuda":
             return
         o = self.opts
+        # every rank's own process: a ddp_spawn rank does not inherit the flags build_trainer set in the parent
+        apply_backend_flags(o, "cuda")
         for attr, comp in (("teacher", o.compile_teacher), ("model", o.compile_student)):
             net = getattr(pl_module, attr, None)
             if isinstance(net, nn.Module) and not getattr(net, "_lpld_perf_done", False):

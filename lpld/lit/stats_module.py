@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lpld.core.bnstats import EMA_MODES, ClasswiseBNStats
 from lpld.core.io import atomic_torch_save
-from lpld.lit.sharding import ShardSampler
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class StatsJob:
         dataset: the dataset config (plain dict) the train set is built from.
         model_name: the teacher's model name (stored in the artifact).
         mode: ``exact`` | ``official`` | ``ema`` (``lpld.core.bnstats``); ``momentum`` the EMA momentum.
-        batch_size: images per batch (per rank).
+        batch_size: images per batch over all ranks (the global batch: each of W ranks takes ``batch_size / W``
+            rows of every batch, and in the EMA modes each running update sees the whole global batch).
         augment: the images are augmented (``official``: RandomResizedCrop + flip; else the train transform).
         seed: the teacher seed: orders the EMA modes' pass and keys each image's augmentation (one pass per teacher,
             shared by every run seed, as the official per-teacher statistics file).
@@ -66,7 +67,7 @@ class StatsModule(L.LightningModule):
         self.out_path = job.out_path
         self.result: dict[str, Any] | None = None
 
-    # -- data: each rank gets a disjoint stride of the train set, never padded ----------------
+    # -- data: each rank gets its rows of every global batch; no image is seen twice ----------
     def test_dataloader(self) -> DataLoader:
         from lpld.data import build_dataset
         from lpld.data.epoch_seeded import EpochSeededDataset
@@ -88,11 +89,12 @@ class StatsModule(L.LightningModule):
         if job.max_images:
             n = min(n, int(job.max_images))
         seed = job.seed if job.mode in EMA_MODES else None  # an EMA depends on the order
-        sampler = ShardSampler(n, self.global_rank, self.trainer.world_size, seed=seed)
+        world = int(self.trainer.world_size)
+        check_stats_batch(job.batch_size, world)
+        sampler = GlobalBatchShards(n, job.batch_size, self.global_rank, world, seed=seed)
         return DataLoader(
-            ds,
-            batch_size=job.batch_size,
-            sampler=sampler,
+            PaddedRows(ds, n),
+            batch_sampler=sampler,
             num_workers=job.num_workers,
             persistent_workers=False,
             pin_memory=self.device.type == "cuda",
@@ -111,14 +113,17 @@ class StatsModule(L.LightningModule):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.acc.update(x, y)
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y, valid = batch
+        self.acc.update(x, y, valid)
 
     def on_test_epoch_end(self) -> None:
-        if self.trainer.world_size > 1 and self.acc.mode == "exact":
-            # additive float64 sums: a plain all-reduce SUM gives the 1-process result
-            self.acc.load_sums([self._all_reduce(t) for t in self.acc.sums()])
+        if self.trainer.world_size > 1:
+            if self.acc.mode == "exact":
+                # additive float64 sums: a plain all-reduce SUM gives the 1-process result
+                self.acc.load_sums([self._all_reduce(t) for t in self.acc.sums()])
+            else:  # the running statistics are already global (batch_reduce); the image counts are per rank
+                self.acc.count = self._all_reduce(self.acc.count)
         out = self.acc.finalize()
         out.update(
             teacher_fingerprint=self.teacher_fp,
@@ -126,6 +131,9 @@ class StatsModule(L.LightningModule):
             class_names=self.class_names,
             dataset=str(self.job.dataset["name"]),
             model=self.job.model_name,
+            # the batch every EMA update saw, over `world_size` ranks (a pre-issue-20 multi-rank EMA file lacks it)
+            global_batch=int(self.job.batch_size),
+            world_size=int(self.trainer.world_size),
         )
         out["missing_names"] = [self.class_names[i] for i in out["missing"]]
         check_finite_stats(out)
@@ -155,3 +163,67 @@ def check_finite_stats(out: dict[str, Any]) -> None:
                 "teacher or its input is broken: check dataset.mean/std, and retrain the teacher with "
                 "`python run.py stage=squeeze stage.overwrite=true` if its weights are not finite"
             )
+
+
+def check_stats_batch(batch_size: int, world: int) -> int:
+    """Rows per rank of the stats pass's global batch, refusing a world size that does not divide it.
+
+    Raises:
+        ConfigError: ``batch_size`` is not a multiple of ``world``.
+    """
+    from lpld.dist import per_rank_batch
+    from lpld.errors import ConfigError
+
+    try:
+        return per_rank_batch(int(batch_size), int(world), "stage.batch_size", unit="one batch of stage=stats")
+    except ValueError as e:
+        raise ConfigError(f"stage stats: {e}") from e
+
+
+class GlobalBatchShards(Sampler[list[int]]):
+    """Batch sampler: rank ``rank``'s rows of every global batch of the pass (at most ``B / W`` each; no image is
+    served twice).
+
+    The order (``randperm(n)`` from ``seed``, or ``range(n)``) is cut into global batches of ``global_batch``
+    rows, as one process would; rank ``r`` takes rows ``r, r + W, ...`` of each. Every rank yields the same
+    number of batches, ``ceil(n / global_batch)``, so per-batch collectives match: a rank whose share of the
+    last (short) batch is empty gets one padding row, index ``i + n`` (see ``PaddedRows``), that counts nowhere.
+
+    Args:
+        n: images in the pass.
+        global_batch: rows per batch over all ranks (divisible by ``world``).
+        rank: this rank; world: number of ranks.
+        seed: permute the order once with this seed (None: ``range(n)``).
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int | None = None):
+        self.n, self.global_batch, self.rank, self.world, self.seed = int(n), int(global_batch), rank, world, seed
+
+    def _order(self) -> list[int]:
+        if self.seed is None:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, G = self._order(), self.global_batch
+        for start in range(0, self.n, G):
+            rows = order[start : min(self.n, start + G)]
+            mine = rows[self.rank :: self.world]
+            yield mine if mine else [rows[0] + self.n]
+
+    def __len__(self) -> int:
+        return -(-self.n // self.global_batch)
+
+
+class PaddedRows(Dataset):
+    """``dataset[i]`` as ``(x, y, True)`` for ``i < n``; ``(x, y, False)`` of ``dataset[i - n]`` for a padding row."""
+
+    def __init__(self, dataset: Any, n: int):
+        self.dataset, self.n = dataset, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, bool]:
+        x, y = self.dataset[i if i < self.n else i - self.n]
+        return x, y, i < self.n

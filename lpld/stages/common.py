@@ -228,6 +228,7 @@ def build_trainer(exp: Experiment, logger: Any = None, callbacks: list | None = 
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from lpld import dist
     from lpld.lit.display import progress_every, timed_progress
     from lpld.lit.perf import GpuPerf, PerfOptions, apply_backend_flags, resolve_precision
 
@@ -247,7 +248,7 @@ def build_trainer(exp: Experiment, logger: Any = None, callbacks: list | None = 
         accelerator=str(t.accelerator),
         devices=t.devices,
         num_nodes=int(t["num_nodes"]),
-        strategy=str(t.strategy),
+        strategy=dist.trainer_strategy(str(t.strategy)),  # DDP: the process-group timeout of lpld.dist
         precision=precision,
         logger=logger if logger is not None else False,
         callbacks=callbacks,

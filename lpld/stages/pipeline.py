@@ -184,6 +184,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(exp: Experiment) -> dict[str, Any]:
+    from lpld.dist import require_launcher
+
+    require_launcher(exp, "stage=pipeline")  # several Trainers in a row: ranks must not be re-launched (issue 20)
     t0 = time.perf_counter()
     pipe = Pipeline(exp)
     rows = pipe.run()

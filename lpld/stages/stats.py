@@ -13,7 +13,7 @@ from lpld.artifacts import stats as stats_artifact
 from lpld.artifacts import teacher as teacher_artifact
 from lpld.config.frozen import Experiment
 from lpld.core.io import drop_aside, release_lock
-from lpld.lit.stats_module import StatsJob, StatsModule
+from lpld.lit.stats_module import StatsJob, StatsModule, check_stats_batch
 from lpld.stages.common import build_logger, build_trainer, finish_logger, log_metrics, to_container
 from lpld.stages.squeeze import check_writable
 
@@ -44,6 +44,9 @@ def run(exp: Experiment) -> dict[str, Any]:
     from lpld import dist
 
     out = stats_artifact.path(exp)
+    job = stats_job(exp, out)
+    # the batch is global (each EMA update sees all of it, at any world size): refuse a world that does not divide it
+    check_stats_batch(job.batch_size, dist.planned_world_size(exp))
     teacher, teacher_fp = teacher_artifact.load(exp)  # fails early with the fix if there is no teacher
 
     def decide() -> str:
@@ -56,7 +59,7 @@ def run(exp: Experiment) -> dict[str, Any]:
         return {"reused": True}
     if dist.rank() == 0:
         check_writable(out.parent, "stage stats")  # a read-only folder fails now, not after the pass
-    module = StatsModule(teacher, teacher_fp, stats_job(exp, out))
+    module = StatsModule(teacher, teacher_fp, job)
     logger = build_logger(exp, "stats")
     try:
         trainer = build_trainer(exp, logger=logger, use_distributed_sampler=False, inference_mode=True)
