@@ -171,13 +171,13 @@ def test_typing_keeps_whole_numbers_whole_and_makes_real_numbers_float():
 
 # artifact keys of the default job and of dataset / model presets as they were before the schemas (main fd1c9f1)
 KEYS = {
-    "dataset=in1k stage=student": (
+    "dataset=in1k model=convnet stage=student": (
         "convnet-4f706fee",
         "official_c31d2101",
         "lpld_ipc10_seed0_80579899",
         "self_cutmix_1x-batch_none_explicit_s0_e300b128_f1c9b32d",
     ),
-    "dataset=tiny stage=relabel": (
+    "dataset=tiny model=convnet stage=relabel": (
         "convnet-3a1265a7",
         "official_ec246b34",
         "lpld_ipc10_seed0_74a9dee1",
@@ -209,11 +209,14 @@ KEYS = {
 # stats keys are unchanged, and the lossless switch finds every artifact of KEYS under its old key
 LOSSLESS = ("recover.image_format=png", "recover.quantize=round")
 NEW_IMAGES_LABELS = {
-    "dataset=in1k stage=student": (
+    "dataset=in1k model=convnet stage=student": (
         "lpld_ipc10_seed0_73cf5ac9",
         "self_cutmix_1x-batch_none_explicit_s0_e300b128_75039d27",
     ),
-    "dataset=tiny stage=relabel": ("lpld_ipc10_seed0_ab205329", "self_none_1x-batch_none_explicit_s0_e100b64_75a38239"),
+    "dataset=tiny model=convnet stage=relabel": (
+        "lpld_ipc10_seed0_ab205329",
+        "self_none_1x-batch_none_explicit_s0_e100b64_75a38239",
+    ),
     "dataset=cifar10_jpg stage=recover": (
         "lpld_ipc10_seed0_51be9a6e",
         "self_cutmix_1x-batch_none_explicit_s0_e300b32_452047dc",

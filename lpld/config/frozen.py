@@ -242,17 +242,25 @@ def _rebuild(values: dict[str, Any], overrides: tuple[str, ...], sweep_group: st
 
 
 def memoized(section: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of a resolver ``f(cfg) -> dict``: on an :class:`Experiment` the value is computed once and each
-    caller gets its own deep copy; on anything else (a plain mapping in a test) it is computed each time."""
+    """Decorator of a resolver ``f(cfg, *args) -> dict``: on an :class:`Experiment` the value is computed once per
+    argument value (JSON of the arguments) and each caller gets its own deep copy; on anything else (a plain mapping
+    in a test) it is computed each time."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         import functools
 
         @functools.wraps(fn)
         def inner(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(cfg, Experiment) and not args and not kwargs:
-                return copy.deepcopy(cfg.memo(f"resolved.{section}", lambda: fn(cfg)))
-            return fn(cfg, *args, **kwargs)
+            if not isinstance(cfg, Experiment):
+                return fn(cfg, *args, **kwargs)
+            key = f"resolved.{section}"
+            if args or kwargs:  # e.g. the student's settings for one store manifest: one value per argument
+                import hashlib
+                import json
+
+                blob = json.dumps([args, kwargs], sort_keys=True, default=str).encode()
+                key += "." + hashlib.sha256(blob).hexdigest()[:16]
+            return copy.deepcopy(cfg.memo(key, lambda: fn(cfg, *args, **kwargs)))
 
         return inner
 

@@ -86,7 +86,7 @@ def pool_draw_settings(cfg: Any) -> dict[str, Any]:
     from lpld.config.relabel import relabel_settings
     from lpld.core.label_pool import DRAWS
 
-    draw = str(node_get(node_get(cfg, "prune"), "draw") or "with_replacement")
+    draw = str(node_get(cfg.get("prune"), "draw") or "with_replacement")
     if draw not in DRAWS:
         raise ConfigError(f"unknown prune.draw={draw!r}; valid: {', '.join(DRAWS)}")
     return {"draw": draw, "swap_last": relabel_settings(cfg)["drop_last"] == "swap"}
