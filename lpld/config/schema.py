@@ -153,6 +153,9 @@ class StudentConf:
     granularity: str | None = None  # label pool: epoch | batch (ILP); null = the store's
     accumulate: int = 1  # gradient accumulation: slices per stored batch (one optimizer step per stored batch)
     ema_decay: float = 0.0  # > 0: validate an EMA of the weights
+    # where the soft labels come from: stored (the label store of this config) | online (no store: the teacher
+    # labels each augmented batch during training, SRe2L/RDED online protocol; its fp16 bytes are counted)
+    labels: str = "stored"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

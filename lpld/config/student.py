@@ -64,6 +64,8 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
         "ema_decay": float(k.get("ema_decay")),
         "batch_size": node_get(cfg.student, "batch_size"),  # the store's batch (checked against it)
     }
+    labels = str(node_get(cfg.student, "labels") or "stored")  # only when online: stored runs keep their keys
+    out.update({"labels": labels} if labels != "stored" else {})
     _validate(out)
     qmode = str((man.get("quant") or {}).get("mode", "none"))
     if out["loss"] == "mse_gt" and out["mse_target"] == "logits" and qmode != "none":
@@ -104,6 +106,10 @@ def _validate(st: dict[str, Any]) -> None:
     for key, valid in checks:
         if (st[key].lower() if key == "optimizer" else st[key]) not in valid:
             raise ConfigError(f"unknown student.{key}={st[key]!r}; valid: {', '.join(valid)}")
+    from lpld.core.online_labels import LABEL_SOURCES
+
+    if st.get("labels", "stored") not in LABEL_SOURCES:
+        raise ConfigError(f"unknown student.labels={st['labels']!r}; valid: {', '.join(LABEL_SOURCES)}")
     if st["epochs"] < 1:
         raise ConfigError(f"student.epochs must be >= 1, got {st['epochs']}")
     if st["accumulate"] < 1:

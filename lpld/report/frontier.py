@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lpld.report.accounting import PARTS, byte_parts, is_hard, seed_record_bytes
+from lpld.report.accounting import PARTS, byte_parts, label_kind, seed_record_bytes
 from lpld.report.ddranking import DEFAULT_W, scores_from_records
 from lpld.report.table import ReportError, _identity, display, get_field, natural_key
 
@@ -22,15 +22,16 @@ def frontier_rows(
 ) -> list[dict[str, Any]]:
     """One dict per run configuration (identity fields; seeds averaged), sorted by total bytes.
 
-    Each holds method, ipc, prune, quant, label_kind (soft / hard), the mean bytes of each part (images, labels,
-    records, model) and ``total``, ``records_seed`` (the records with ``relabel.record_mode=seed``, or None),
+    Each holds method, ipc, prune, quant, label_kind (soft / hard / online / generator), the mean bytes of each
+    part (images, labels, records, model) and ``total``, ``records_seed`` (the records with
+    ``relabel.record_mode=seed``, or None),
     ``<value>`` mean and std (ddof 1) over ``n`` seeds, and ``ior`` / ``hlr`` / ``lrs`` (None where a reference
     row is missing). Accuracies are fractions, as the records store them.
     """
     recs = list(records)
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in recs:
-        key = tuple(sorted(_identity(r).items())) + (("hard", is_hard(r)),)
+        key = tuple(sorted(_identity(r).items())) + (("labels", label_kind(r)),)
         groups.setdefault(key, []).append(r)
     out = []
     for rows in groups.values():
@@ -47,7 +48,7 @@ def frontier_rows(
             "ipc": display(get_field(first, "ipc", "?")),
             "prune": display(get_field(first, "prune", "?")),
             "quant": display(get_field(first, "quant", "none")),
-            "label_kind": "hard" if is_hard(first) else "soft",
+            "label_kind": label_kind(first),  # soft | hard | online | generator
             **{p: float(np.mean([b[p] for b in parts])) for p in (*PARTS, "total")},
             value: float(acc.mean()),
             f"{value}_std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,

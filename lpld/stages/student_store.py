@@ -103,6 +103,12 @@ class StudentInputs:
     teacher_name: str
     world: int  # processes the trainer preset runs
     workers: int  # data-loader workers of the trainer preset
+    teacher: Any = None  # student.labels=online: the teacher that labels each batch (``store`` is its schedule)
+    teacher_bytes: int = 0  # ... and its fp16 parameter + buffer bytes (storage_accounting.model_bytes)
+
+    @property
+    def online(self) -> bool:
+        return self.teacher is not None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -123,6 +129,8 @@ def load_inputs(exp: Experiment) -> StudentInputs:
         expect_teacher_fingerprint=teacher_fp,
         allow_other_teacher=bool(exp.stage.get("allow_other_teacher", False)),
     )
+    if str(exp.student.get("labels") or "stored") == "online":
+        return _online_inputs(exp, spec, images_dir, images, labels, img_man)
     store_dir = label_store_dir(exp)
     if not exp.stage.get("store") and not (store_dir / "manifest.json").is_file():
         from lpld.artifacts import labels as labels_artifact
@@ -154,4 +162,67 @@ def load_inputs(exp: Experiment) -> StudentInputs:
         teacher_name=teacher_artifact.teacher_name(exp),
         world=world_size(exp),
         workers=num_workers(exp),
+    )
+
+
+def _online_inputs(
+    exp: Experiment, spec: Any, images_dir: Path, images: torch.Tensor, labels: torch.Tensor, img_man: dict[str, Any]
+) -> StudentInputs:
+    """``student.labels=online``: no label store; the teacher (``lpld.artifacts.teacher.load``) labels every batch
+    of this config's full schedule (``lpld.core.online_labels.OnlineSchedule``), its fp16 bytes counted."""
+    import torch
+
+    from lpld.artifacts import labels as labels_artifact
+    from lpld.core.online_labels import OnlineSchedule
+    from lpld.core.storage_accounting import model_bytes
+
+    metric = metric_settings(exp)
+    if metric["name"] != "random" or exp.stage.get("store"):
+        raise ConfigError(
+            "student.labels=online reads no label store, so it cannot select stored batches (metric) or read "
+            "stage.store; drop metric= / stage.store, or use student.labels=stored"
+        )
+    if float(exp.prune.ratio) > 0:
+        raise ConfigError(
+            f"student.labels=online labels every batch of the schedule, so prune={exp.prune.name} has nothing to "
+            "prune; drop the prune= override (prune=1x), or use student.labels=stored"
+        )
+    teacher, teacher_fp = teacher_artifact.load(exp)
+    schedule = OnlineSchedule(
+        labels_artifact.store_spec(exp, num_images=images.shape[0]),
+        {"images_fingerprint": img_man.get("images_fingerprint"), "teacher_fingerprint": teacher_fp},
+    )
+    st = student_settings(exp, schedule.manifest)
+    if st["granularity"] != "epoch" or st["loss"] == "ce":
+        raise ConfigError(
+            "student.labels=online labels every epoch's fresh batches (student.granularity=epoch) for a soft-label "
+            f"loss; got student.granularity={st['granularity']}, student.loss={st['loss']}: drop those overrides"
+        )
+    # where its runs live: beside the stores of these images, keyed by the schedule and the teacher
+    from lpld.core.io import fingerprint_obj
+
+    key = fingerprint_obj([schedule.spec.to_dict(), teacher_fp])[:8]
+    store_dir = labels_artifact.path(exp).parent / f"online_s{schedule.spec.seed}_{key}"
+    check_store(schedule, img_man, images, spec, st, store_dir)
+    return StudentInputs(
+        spec=spec,
+        metric=metric,
+        images_dir=images_dir,
+        images=images,
+        labels=labels,
+        images_manifest=img_man,
+        store_dir=store_dir,
+        store=schedule,
+        settings=st,
+        model_cfg=student_model_cfg(exp),
+        seed=int(exp.seed),
+        stage=exp.stage,
+        dataset=exp.dataset,
+        prune=exp.prune,
+        method=str(exp.recover.name),
+        teacher_name=teacher_artifact.teacher_name(exp),
+        world=world_size(exp),
+        workers=num_workers(exp),
+        teacher=teacher,
+        teacher_bytes=model_bytes(teacher, torch.float16),
     )

@@ -78,6 +78,7 @@ def build_module(inp: StudentInputs) -> Any:
         label_smoothing=st["label_smoothing"],
         accumulate=int(st["accumulate"]),
         ema_decay=st["ema_decay"],
+        teacher=inp.teacher,  # student.labels=online: labels each replayed batch (None: the store's labels)
     )
     module.set_images(inp.images, inp.labels)
     return module
