@@ -156,6 +156,10 @@ class StudentConf:
     # where the soft labels come from: stored (the label store of this config) | online (no store: the teacher
     # labels each augmented batch during training, SRe2L/RDED online protocol; its fp16 bytes are counted)
     labels: str = "stored"
+    # which epochs train on hard labels (lpld.core.label_schedule): none (all soft) | hald (HALD soft -> hard -> soft)
+    label_schedule: str = "none"
+    hard_epochs: int | None = None  # hald: hard epochs H of the E (null = E // 2, HALD's imagenet1k script 150 of 300)
+    hard_smoothing: float = 0.8  # hald: label smoothing of the hard phase (HALD --label-smoothing 0.8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -191,6 +191,9 @@ class StudentModule(L.LightningModule):
         accumulate: gradient-accumulation slices per stored batch.
         ema_decay: > 0 keeps an EMA copy of the weights, used for validation.
         mean, std: normalization of the distilled images (``augment.to_model_input``).
+        label_schedule: {"name": none | hald | ..., "hard_epochs", "smoothing"}: the epochs that train on the images'
+            own classes (``lpld.core.label_schedule``; cross-entropy, CutMix-mixed, smoothed by "smoothing"); None:
+            every epoch on the labels.
         teacher: ``student.labels=online``: a frozen teacher whose fp32 logits on each replayed batch are its
             labels (decoded like a ``quant=none`` store; ``lpld.core.online_labels``); None reads the store's.
     """
@@ -215,12 +218,16 @@ class StudentModule(L.LightningModule):
         accumulate: int = 1,
         ema_decay: float = 0.0,
         teacher: torch.nn.Module | None = None,
+        label_schedule: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
         from lpld.models import build_model
 
         kd_loss.get_student_loss(loss["name"])  # an unknown name fails here, naming the valid losses
+        from lpld.core.label_schedule import get_label_schedule
+
+        get_label_schedule(str((label_schedule or {}).get("name", "none")))  # likewise
         if temp["schedule"] not in SCHEDULES:
             raise ValueError(f"unknown temperature schedule '{temp['schedule']}'; valid: {', '.join(SCHEDULES)}")
         if ca["mode"] not in CA_MODES:
@@ -361,12 +368,23 @@ class StudentModule(L.LightningModule):
         )
         return probs if in_logits else kd_loss.smooth_targets(probs, eps)
 
+    def label_phase(self, epoch: int | None = None) -> str:
+        """``soft`` or ``hard``: how this epoch trains under ``student.label_schedule`` (lpld.core.label_schedule)."""
+        from lpld.core.label_schedule import label_phase
+
+        sched = dict(self.hparams.get("label_schedule") or {})
+        e = self.current_epoch if epoch is None else epoch
+        return label_phase(str(sched.get("name", "none")), int(e), int(self.hparams.epochs), sched)
+
     def compute_loss(self, logits: torch.Tensor, stored: Any, sl: slice, teacher_t: float) -> tuple[torch.Tensor, Any]:
         """Loss of one slice of a stored batch; also returns the slice's target (for CA) or None."""
         index = stored.index.to(self.image_labels.device)
         labels = self.image_labels[index]
         lam = cutmix_share(stored.aug, int(self.hparams.img_size))
         partner = labels[stored.aug.mix_index.to(labels.device)] if lam is not None else None
+        if self.label_phase() == "hard":  # HALD's hard phase: the images' own classes, no label read
+            eps = float((self.hparams.get("label_schedule") or {}).get("smoothing", 0.0))
+            return kd_loss.hard_ce(logits, labels[sl], partner[sl] if partner is not None else None, lam, eps), None
         inputs = kd_loss.LossInputs(
             logits=logits,
             labels=labels[sl],
@@ -392,7 +410,8 @@ class StudentModule(L.LightningModule):
         # every rank replays the whole stored batch (CutMix pairs rows across the batch), then trains on its
         # own rows: one optimizer step = one stored batch = the recipe's global batch at any world size
         x = self.replay(stored)
-        stored = self.label(stored, x)  # online teacher: its logits on the whole replayed batch
+        if self.label_phase() == "soft":  # a hard epoch reads no label: the online teacher rests
+            stored = self.label(stored, x)  # online teacher: its logits on the whole replayed batch
         b = x.shape[0]
         sl = self.rank_rows(b, chunk)
         n = sl.stop - sl.start

@@ -41,6 +41,12 @@ def training_kwargs(st: dict[str, Any]) -> dict[str, Any]:
             "hi": st["ca_grid"][1],
             "n": int(st["ca_grid"][2]),
         },
+        # the hard / soft epochs (lpld.core.label_schedule); none: every epoch soft
+        "label_schedule": {
+            "name": st.get("label_schedule", "none"),
+            "hard_epochs": st.get("hard_epochs"),
+            "smoothing": st.get("hard_smoothing", 0.0),
+        },
         "optim": {
             "name": st["optimizer"],
             "lr": st["lr"],
