@@ -55,3 +55,29 @@ def test_generator_learns_the_teacher_on_unseen_augmentations(tmp_path):
     # the same seed, the same generator (bit for bit)
     gen2, _ = train_generator(teacher, images, train, t, passes=1, width=16, depth=2, lr=1e-2, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), gen2.state_dict().values()))
+
+
+def test_a_generator_student_trains_and_records_the_generator_bytes(tmp_path):
+    """student.labels=generator: the student queries a generator trained in the stage; the record counts its fp16
+    bytes (hand count from the configured width / depth), 0 label and record bytes, its own frontier family."""
+    from lpld.artifacts import results as results_artifact
+    from lpld.report.accounting import byte_parts
+    from lpld.report.frontier import frontier_rows
+    from lpld.report.records import load_records
+    from lpld.stages import run_stage
+
+    _, ov = make_tiny_chain(tmp_path)
+    knobs = ["student.labels=generator", "student.generator_width=8", "student.generator_depth=2"]
+    exp = compose_cfg(["stage=student", *ov, *knobs])
+    out = run_stage(exp)
+    assert 0.0 <= out["top1"] <= 1.0
+    (rec,) = [r for r in load_records(results_artifact.path(exp, "results")) if r["labels"] == "generator"]
+    c, w = 4, 8  # 4 classes, width 8, depth 2 on 3 channels
+    convs = 2 * (3 * w * 9 + w * w * 9)  # two 3x3 kernels, no bias, fp16
+    bns = 2 * (2 * 4 * w + 8)  # two BatchNorms: weight, bias, running mean, running var fp16 + an int64 counter
+    hand = convs + bns + 2 * (w * c + c)  # + the linear layer
+    assert rec["model_bytes"] == hand and rec["model_bytes_of"] == "label generator fp16"
+    assert rec["student"]["generator_width"] == 8 and rec["student"]["generator_depth"] == 2
+    parts = byte_parts(rec)
+    assert parts["labels"] == 0 and parts["records"] == 0 and parts["model"] == hand
+    assert [r["label_kind"] for r in frontier_rows([rec])] == ["generator"]

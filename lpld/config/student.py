@@ -66,6 +66,9 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
     }
     labels = str(node_get(cfg.student, "labels") or "stored")  # only when online: stored runs keep their keys
     out.update({"labels": labels} if labels != "stored" else {})
+    if labels == "generator":
+        out.update({f"generator_{n}": int(k.get(f"generator_{n}")) for n in ("width", "depth", "passes")})
+        out["generator_lr"] = float(k.get("generator_lr"))
     sched = str(k.get("label_schedule"))  # only when scheduled: unscheduled runs keep their keys
     if sched != "none":
         hard = k.get("hard_epochs")

@@ -25,7 +25,7 @@ from lpld.core.label_store import StoredBatch, StoreSpec
 from lpld.core.label_store.layout import row_offsets
 from lpld.core.quant import QuantConfig
 
-LABEL_SOURCES = ("stored", "online")  # student.labels
+LABEL_SOURCES = ("stored", "online", "generator")  # student.labels
 
 
 def online_spec(spec: StoreSpec) -> StoreSpec:

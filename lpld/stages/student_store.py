@@ -105,6 +105,7 @@ class StudentInputs:
     workers: int  # data-loader workers of the trainer preset
     teacher: Any = None  # student.labels=online: the teacher that labels each batch (``store`` is its schedule)
     teacher_bytes: int = 0  # ... and its fp16 parameter + buffer bytes (storage_accounting.model_bytes)
+    label_source: str = "stored"  # student.labels: stored | online (the teacher) | generator (a trained generator)
 
     @property
     def online(self) -> bool:
@@ -129,7 +130,7 @@ def load_inputs(exp: Experiment) -> StudentInputs:
         expect_teacher_fingerprint=teacher_fp,
         allow_other_teacher=bool(exp.stage.get("allow_other_teacher", False)),
     )
-    if str(exp.student.get("labels") or "stored") == "online":
+    if str(exp.student.get("labels") or "stored") in ("online", "generator"):
         return _online_inputs(exp, spec, images_dir, images, labels, img_man)
     store_dir = label_store_dir(exp)
     if not exp.stage.get("store") and not (store_dir / "manifest.json").is_file():
@@ -169,22 +170,25 @@ def _online_inputs(
     exp: Experiment, spec: Any, images_dir: Path, images: torch.Tensor, labels: torch.Tensor, img_man: dict[str, Any]
 ) -> StudentInputs:
     """``student.labels=online``: no label store; the teacher (``lpld.artifacts.teacher.load``) labels every batch
-    of this config's full schedule (``lpld.core.online_labels.OnlineSchedule``), its fp16 bytes counted."""
+    of this config's full schedule (``lpld.core.online_labels.OnlineSchedule``), its fp16 bytes counted.
+    ``student.labels=generator``: a label generator trained here on the teacher's outputs (its own augmentation
+    draws, ``lpld.core.label_generator``) labels them instead, its fp16 bytes counted."""
     import torch
 
     from lpld.artifacts import labels as labels_artifact
     from lpld.core.online_labels import OnlineSchedule
     from lpld.core.storage_accounting import model_bytes
 
+    src = str(exp.student.get("labels"))
     metric = metric_settings(exp)
     if metric["name"] != "random" or exp.stage.get("store"):
         raise ConfigError(
-            "student.labels=online reads no label store, so it cannot select stored batches (metric) or read "
+            f"student.labels={src} reads no label store, so it cannot select stored batches (metric) or read "
             "stage.store; drop metric= / stage.store, or use student.labels=stored"
         )
     if float(exp.prune.ratio) > 0:
         raise ConfigError(
-            f"student.labels=online labels every batch of the schedule, so prune={exp.prune.name} has nothing to "
+            f"student.labels={src} labels every batch of the schedule, so prune={exp.prune.name} has nothing to "
             "prune; drop the prune= override (prune=1x), or use student.labels=stored"
         )
     teacher, teacher_fp = teacher_artifact.load(exp)
@@ -195,15 +199,18 @@ def _online_inputs(
     st = student_settings(exp, schedule.manifest)
     if st["granularity"] != "epoch" or st["loss"] == "ce":
         raise ConfigError(
-            "student.labels=online labels every epoch's fresh batches (student.granularity=epoch) for a soft-label "
+            f"student.labels={src} labels every epoch's fresh batches (student.granularity=epoch) for a soft-label "
             f"loss; got student.granularity={st['granularity']}, student.loss={st['loss']}: drop those overrides"
         )
     # where its runs live: beside the stores of these images, keyed by the schedule and the teacher
     from lpld.core.io import fingerprint_obj
 
+    source = str(st["labels"])
     key = fingerprint_obj([schedule.spec.to_dict(), teacher_fp])[:8]
-    store_dir = labels_artifact.path(exp).parent / f"online_s{schedule.spec.seed}_{key}"
+    store_dir = labels_artifact.path(exp).parent / f"{source}_s{schedule.spec.seed}_{key}"
     check_store(schedule, img_man, images, spec, st, store_dir)
+    if source == "generator":
+        teacher = _train_generator(teacher, images, schedule, spec, st)
     return StudentInputs(
         spec=spec,
         metric=metric,
@@ -225,4 +232,35 @@ def _online_inputs(
         workers=num_workers(exp),
         teacher=teacher,
         teacher_bytes=model_bytes(teacher, torch.float16),
+        label_source=source,
     )
+
+
+def _train_generator(teacher: Any, images: torch.Tensor, schedule: Any, spec: Any, st: dict[str, Any]) -> Any:
+    """The label generator of ``student.labels=generator``, trained on the teacher's logits over the schedule's
+    augmentations drawn from the generator's own seed (never the student's draws); fp16-rounded, on the CPU."""
+    import dataclasses
+
+    import numpy as np
+
+    from lpld.core.augment import to_model_input
+    from lpld.core.label_generator import train_generator
+    from lpld.core.online_labels import OnlineSchedule
+
+    seed = int(np.random.SeedSequence([schedule.spec.seed, 0x6E4]).generate_state(1)[0])
+    own = OnlineSchedule(dataclasses.replace(schedule.spec, seed=seed))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = to_model_input(images, spec.mean, spec.std).to(device)
+    gen, _ = train_generator(
+        teacher.to(device),
+        x,
+        own,
+        float(st["temperature"]),
+        passes=st["generator_passes"],
+        width=st["generator_width"],
+        depth=st["generator_depth"],
+        lr=st["generator_lr"],
+        seed=int(schedule.spec.seed),
+    )
+    teacher.cpu()
+    return gen.cpu()
