@@ -51,6 +51,11 @@ def test_online_student_trains_and_records_the_teacher_bytes(tmp_path):
     assert byte_parts(soft[0])["model"] == 0 and byte_parts(soft[0])["labels"] > 0
     kinds = {r["label_kind"]: r for r in frontier_rows(recs)}
     assert set(kinds) == {"soft", "online"} and kinds["online"]["model"] == want
+    from lpld.report.pareto import KIND_MARKERS, pareto_points
+
+    points = {p.kind: p for p in pareto_points(recs)}  # x = total bytes: the teacher's bytes included
+    assert set(points) == {"soft", "online"} and points["online"].storage == parts["total"]
+    assert KIND_MARKERS["online"] != KIND_MARKERS["soft"]
     # a rerun reuses the finished online run
     assert run_stage(compose_cfg(["stage=student", *ov, "student.labels=online"])).get("reused") is True
 
