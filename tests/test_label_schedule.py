@@ -90,3 +90,13 @@ def test_a_hald_student_trains_and_refuses_bad_knobs(tmp_path):
         student_settings(compose_cfg(["stage=student", *ov, "student.label_schedule=hald", "student.hard_epochs=9"]))
     # an unscheduled run's settings (its run key) are unchanged by the new knobs
     assert "label_schedule" not in student_settings(compose_cfg(["stage=student", *ov]))
+
+
+def test_the_frontier_table_names_the_label_recipe():
+    from lpld.report.frontier import label_recipe
+
+    assert label_recipe({"labels": "soft", "student": {"loss": "kl"}}) == "soft"
+    assert label_recipe({"labels": "soft", "student": {"loss": "kl", "label_schedule": "hald"}}) == "soft hald"
+    assert label_recipe({"labels": "online", "student": {"loss": "gift", "labels": "online"}}) == "online gift"
+    assert label_recipe({"labels": "hard", "student": {"loss": "ce"}}) == "hard"
+    assert label_recipe({"student": {"loss": "ce"}}) == "hard"  # an older record: the loss says hard
