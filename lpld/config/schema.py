@@ -154,6 +154,17 @@ class StudentConf:
     granularity: str | None = None  # label pool: epoch | batch (ILP); null = the store's
     accumulate: int = 1  # gradient accumulation: slices per stored batch (one optimizer step per stored batch)
     ema_decay: float = 0.0  # > 0: validate an EMA of the weights
+    # where the soft labels come from: stored (the label store of this config) | online (no store: the teacher
+    # labels each augmented batch during training, SRe2L/RDED online protocol; its fp16 bytes are counted)
+    labels: str = "stored"  # ... | generator (a small ConvNet trained on the teacher's outputs, queried online)
+    generator_width: int = 32  # labels=generator: channels of the narrow ConvNet (lpld.core.label_generator)
+    generator_depth: int = 3  # ... its conv blocks
+    generator_passes: int = 1  # ... passes over the (1x) schedule's augmentations, drawn from its own seed
+    generator_lr: float = 3e-3  # ... Adam learning rate (cosine to 0)
+    # which epochs train on hard labels (lpld.core.label_schedule): none (all soft) | hald (HALD soft -> hard -> soft)
+    label_schedule: str = "none"
+    hard_epochs: int | None = None  # hald: hard epochs H of the E (null = E // 2, HALD's imagenet1k script 150 of 300)
+    hard_smoothing: float = 0.8  # hald: label smoothing of the hard phase (HALD --label-smoothing 0.8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -66,6 +66,16 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
         "ema_decay": float(k.get("ema_decay")),
         "batch_size": node_get(cfg.student, "batch_size"),  # the store's batch (checked against it)
     }
+    labels = str(node_get(cfg.student, "labels") or "stored")  # only when online: stored runs keep their keys
+    out.update({"labels": labels} if labels != "stored" else {})
+    if labels == "generator":
+        out.update({f"generator_{n}": int(k.get(f"generator_{n}")) for n in ("width", "depth", "passes")})
+        out["generator_lr"] = float(k.get("generator_lr"))
+    sched = str(k.get("label_schedule"))  # only when scheduled: unscheduled runs keep their keys
+    if sched != "none":
+        hard = k.get("hard_epochs")
+        out.update(label_schedule=sched, hard_epochs=None if hard is None else int(hard))
+        out["hard_smoothing"] = float(k.get("hard_smoothing"))
     _validate(out)
     qmode = str((man.get("quant") or {}).get("mode", "none"))
     if out["loss"] == "mse_gt" and out["mse_target"] == "logits" and qmode != "none":
@@ -122,6 +132,20 @@ def _validate(st: dict[str, Any]) -> None:
     for key, valid in checks:
         if (st[key].lower() if key == "optimizer" else st[key]) not in valid:
             raise ConfigError(f"unknown student.{key}={st[key]!r}; valid: {', '.join(valid)}")
+    from lpld.core.online_labels import LABEL_SOURCES
+
+    if st.get("labels", "stored") not in LABEL_SOURCES:
+        raise ConfigError(f"unknown student.labels={st['labels']!r}; valid: {', '.join(LABEL_SOURCES)}")
+    from lpld.core.label_schedule import list_label_schedules
+
+    if st.get("label_schedule", "none") not in list_label_schedules():
+        valid = ", ".join(list_label_schedules())
+        raise ConfigError(f"unknown student.label_schedule={st['label_schedule']!r}; valid: {valid}")
+    h = st.get("hard_epochs")
+    if h is not None and not 0 <= h <= st["epochs"]:
+        raise ConfigError(f"student.hard_epochs={h} must lie in [0, student.epochs={st['epochs']}] (null: half)")
+    if not 0.0 <= st.get("hard_smoothing", 0.0) < 1.0:
+        raise ConfigError(f"student.hard_smoothing={st['hard_smoothing']} must lie in [0, 1)")
     if st["epochs"] < 1:
         raise ConfigError(f"student.epochs must be >= 1, got {st['epochs']}")
     if st["accumulate"] < 1:

@@ -203,6 +203,11 @@ class StudentModule(L.LightningModule):
         accumulate: gradient-accumulation slices per stored batch.
         ema_decay: > 0 keeps an EMA copy of the weights, used for validation.
         mean, std: normalization of the distilled images (``augment.to_model_input``).
+        label_schedule: {"name": none | hald | ..., "hard_epochs", "smoothing"}: the epochs that train on the images'
+            own classes (``lpld.core.label_schedule``; cross-entropy, CutMix-mixed, smoothed by "smoothing"); None:
+            every epoch on the labels.
+        teacher: ``student.labels=online``: a frozen teacher whose fp32 logits on each replayed batch are its
+            labels (decoded like a ``quant=none`` store; ``lpld.core.online_labels``); None reads the store's.
     """
 
     def __init__(
@@ -224,12 +229,17 @@ class StudentModule(L.LightningModule):
         label_smoothing: float = 0.0,
         accumulate: int = 1,
         ema_decay: float = 0.0,
+        teacher: torch.nn.Module | None = None,
+        label_schedule: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["teacher"])
         from lpld.models import build_model
 
         kd_loss.get_student_loss(loss["name"])  # an unknown name fails here, naming the valid losses
+        from lpld.core.label_schedule import get_label_schedule
+
+        get_label_schedule(str((label_schedule or {}).get("name", "none")))  # likewise
         if temp["schedule"] not in SCHEDULES:
             raise ValueError(f"unknown temperature schedule '{temp['schedule']}'; valid: {', '.join(SCHEDULES)}")
         if ca["mode"] not in CA_MODES:
@@ -255,6 +265,15 @@ class StudentModule(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self._last_for_ca: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch_rows, self._epoch_steps = 0, 0  # this rank's rows / optimizer steps in the current epoch
+        # student.labels=online (lpld.core.online_labels): the frozen teacher labels each replayed batch. Held in a
+        # tuple, not as a submodule: never trained, checkpointed, put in train mode or broadcast by DDP
+        self._online_teacher: tuple[torch.nn.Module, ...] = ()
+        if teacher is not None:
+            if quant_mode != "none":
+                raise ValueError(f"an online teacher's labels decode as quant=none, got quant_mode={quant_mode!r}")
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._online_teacher = (teacher.eval(),)
 
     # ----- data -----------------------------------------------------------------------------
     def set_images(self, images_u8: torch.Tensor, labels: torch.Tensor) -> None:
@@ -273,6 +292,16 @@ class StudentModule(L.LightningModule):
         if self.images_u8.device != self.device:
             self.images_u8 = self.images_u8.to(self.device)
             self.image_labels = self.image_labels.to(self.device)
+        if self._online_teacher:
+            self._online_teacher = (self._online_teacher[0].to(self.device).eval(),)
+
+    def label(self, stored: Any, x: torch.Tensor) -> Any:
+        """The batch with its labels: a stored batch as read, or (online teacher) the teacher's logits on ``x``."""
+        if not self._online_teacher:
+            return stored
+        from lpld.core.online_labels import teacher_logits, with_teacher_logits
+
+        return with_teacher_logits(stored, teacher_logits(self._online_teacher[0], x))
 
     def on_fit_start(self) -> None:
         self._place_data()
@@ -351,12 +380,23 @@ class StudentModule(L.LightningModule):
         )
         return probs if in_logits else kd_loss.smooth_targets(probs, eps)
 
+    def label_phase(self, epoch: int | None = None) -> str:
+        """``soft`` or ``hard``: how this epoch trains under ``student.label_schedule`` (lpld.core.label_schedule)."""
+        from lpld.core.label_schedule import label_phase
+
+        sched = dict(self.hparams.get("label_schedule") or {})
+        e = self.current_epoch if epoch is None else epoch
+        return label_phase(str(sched.get("name", "none")), int(e), int(self.hparams.epochs), sched)
+
     def compute_loss(self, logits: torch.Tensor, stored: Any, sl: slice, teacher_t: float) -> tuple[torch.Tensor, Any]:
         """Loss of one slice of a stored batch; also returns the slice's target (for CA) or None."""
         index = stored.index.to(self.image_labels.device)
         labels = self.image_labels[index]
         lam = cutmix_share(stored.aug, int(self.hparams.img_size))
         partner = labels[stored.aug.mix_index.to(labels.device)] if lam is not None else None
+        if self.label_phase() == "hard":  # HALD's hard phase: the images' own classes, no label read
+            eps = float((self.hparams.get("label_schedule") or {}).get("smoothing", 0.0))
+            return kd_loss.hard_ce(logits, labels[sl], partner[sl] if partner is not None else None, lam, eps), None
         inputs = kd_loss.LossInputs(
             logits=logits,
             labels=labels[sl],
@@ -382,6 +422,8 @@ class StudentModule(L.LightningModule):
         # every rank replays the whole stored batch (CutMix pairs rows across the batch), then trains on its
         # own rows: one optimizer step = one stored batch = the recipe's global batch at any world size
         x = self.replay(stored)
+        if self.label_phase() == "soft":  # a hard epoch reads no label: the online teacher rests
+            stored = self.label(stored, x)  # online teacher: its logits on the whole replayed batch
         b = x.shape[0]
         sl = self.rank_rows(b, chunk)
         n = sl.stop - sl.start

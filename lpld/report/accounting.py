@@ -36,6 +36,19 @@ def is_hard(record: Mapping[str, Any]) -> bool:
     return student.get("loss") == "ce"
 
 
+# how a row's student got its labels (``label_kind``): its own family in the table and the plot
+LABEL_KINDS = ("soft", "hard", "online", "generator")
+
+
+def label_kind(record: Mapping[str, Any]) -> str:
+    """``online`` (the teacher labelled each batch at train time), ``generator`` (a shipped label generator),
+    ``hard`` (:func:`is_hard`) or ``soft`` (a stored soft-label store)."""
+    kind = record.get("labels")
+    if kind in ("online", "generator"):
+        return str(kind)
+    return "hard" if is_hard(record) else "soft"
+
+
 def byte_parts(record: Mapping[str, Any]) -> dict[str, int]:
     """{images, labels, records, model, total} bytes of one record (see the module docstring).
 

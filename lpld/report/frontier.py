@@ -9,9 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from lpld.report.accounting import PARTS, byte_parts, is_hard, seed_record_bytes
+from lpld.report.accounting import PARTS, byte_parts, label_kind, seed_record_bytes
 from lpld.report.ddranking import DEFAULT_W, scores_from_records
 from lpld.report.table import ReportError, _identity, display, get_field, natural_key
+
+
+def label_recipe(record: Mapping[str, Any]) -> str:
+    """The table's ``labels`` cell: the label kind (``accounting.label_kind``), plus a student loss other than the
+    default KL (``gift``, ``mse_gt``) and a label schedule (``hald``), which use the same bytes differently."""
+    kind = label_kind(record)
+    student = get_field(record, "student", None) or {}
+    extra = [str(student[k]) for k in ("loss", "label_schedule") if student.get(k) not in (None, "kl", "ce", "none")]
+    return " ".join([kind, *extra])
 
 
 def frontier_rows(
@@ -22,15 +31,16 @@ def frontier_rows(
 ) -> list[dict[str, Any]]:
     """One dict per run configuration (identity fields; seeds averaged), sorted by total bytes.
 
-    Each holds method, ipc, prune, quant, label_kind (soft / hard), the mean bytes of each part (images, labels,
-    records, model) and ``total``, ``records_seed`` (the records with ``relabel.record_mode=seed``, or None),
+    Each holds method, ipc, prune, quant, label_kind (soft / hard / online / generator), the mean bytes of each
+    part (images, labels, records, model) and ``total``, ``records_seed`` (the records with
+    ``relabel.record_mode=seed``, or None),
     ``<value>`` mean and std (ddof 1) over ``n`` seeds, and ``ior`` / ``hlr`` / ``lrs`` (None where a reference
     row is missing). Accuracies are fractions, as the records store them.
     """
     recs = list(records)
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in recs:
-        key = tuple(sorted(_identity(r).items())) + (("hard", is_hard(r)),)
+        key = tuple(sorted(_identity(r).items())) + (("labels", label_kind(r)),)
         groups.setdefault(key, []).append(r)
     out = []
     for rows in groups.values():
@@ -47,7 +57,8 @@ def frontier_rows(
             "ipc": display(get_field(first, "ipc", "?")),
             "prune": display(get_field(first, "prune", "?")),
             "quant": display(get_field(first, "quant", "none")),
-            "label_kind": "hard" if is_hard(first) else "soft",
+            "label_kind": label_kind(first),  # soft | hard | online | generator
+            "label_recipe": label_recipe(first),  # the kind, plus a non-default loss / label schedule
             **{p: float(np.mean([b[p] for b in parts])) for p in (*PARTS, "total")},
             value: float(acc.mean()),
             f"{value}_std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
@@ -91,7 +102,7 @@ def frontier_markdown(rows: list[dict[str, Any]], value: str = "top1", title: st
         acc = f"{100 * r[value]:.1f}" + (f" ± {100 * r[f'{value}_std']:.1f}" if r["n"] > 1 else "")
         lrs = "" if r["lrs"] is None else f"{100 * r['lrs']:.1f}"
         lines.append(
-            f"| {r['method']} | {r['ipc']} | {r['prune']} | {r['quant']} | {r['label_kind']} | {_kb(r['images'])} | "
+            f"| {r['method']} | {r['ipc']} | {r['prune']} | {r['quant']} | {r['label_recipe']} | {_kb(r['images'])} | "
             f"{_kb(r['labels'])} | {_kb(r['records'])} | {_kb(r['model'])} | {_kb(r['total'])} | "
             f"{'' if r['records_seed'] is None else _kb(r['records_seed'])} | {acc} | "
             f"{_pts(r['ior'])} | {_pts(r['hlr'])} | {lrs} |"
@@ -113,7 +124,7 @@ def bytes_figure(rows: list[dict[str, Any]], title: str = "") -> tuple[Any, Any]
     fig = Figure(figsize=(7, 0.9 + 0.28 * len(rows)), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    names = [f"{r['method']} ipc{r['ipc']} {r['prune']} {r['quant']} {r['label_kind']}" for r in rows]
+    names = [f"{r['method']} ipc{r['ipc']} {r['prune']} {r['quant']} {r['label_recipe']}" for r in rows]
     y = np.arange(len(rows))[::-1]
     left = np.zeros(len(rows))
     for i, part in enumerate(PARTS):

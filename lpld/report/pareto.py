@@ -24,7 +24,7 @@ import numpy as np
 from lpld.report.table import ReportError, _identity, display, get_field, quant_kind
 
 # label format -> matplotlib marker
-KIND_MARKERS = {"soft": "o", "quant": "^", "hard": "X"}
+KIND_MARKERS = {"soft": "o", "quant": "^", "hard": "X", "online": "*", "generator": "P"}
 # candidate label offsets (points) around a marker, tried in order, then again further out
 _OFFSETS = ((4, 4), (4, -10), (-4, 4), (-4, -10), (0, 9), (0, -15), (8, -3), (-8, -3))
 
@@ -108,7 +108,11 @@ def pareto_points(
         labels[key] = " ".join(f"IPC{v}" if f == "ipc" else v for f, v in parts if v != "none")
         groups[key] = display(get_field(rec, group, "?"))
         # a hard-label student of a soft store is a hard point, whatever the store's codec
-        kinds[key] = "hard" if rec.get("labels") == "hard" else label_kind(get_field(rec, "quant", None))
+        # an online teacher / a label generator is its own family (no store; the model's bytes are counted)
+        if rec.get("labels") in ("hard", "online", "generator"):
+            kinds[key] = str(rec["labels"])
+        else:
+            kinds[key] = label_kind(get_field(rec, "quant", None))
         idents[key] = ident
     _disambiguate(labels, groups, idents)
     pts = []

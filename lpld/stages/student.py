@@ -5,7 +5,9 @@ Inputs: the distilled images of ``lpld.artifacts.images.path(exp)`` and the labe
 the label pool. With a pruning metric the store generated at ``metric.source_prune`` (1x) is read
 and ``label_pool.pool_size(M, prune.ratio)`` of its batches are kept by ``label_pool.select_pool``
 on the per-batch scores of ``prune_metrics`` (Table 5 protocol); label bytes are then those of
-the kept batches.
+the kept batches. With ``student.labels=online`` (or ``generator``) no store is read: the teacher (or a label
+generator trained from it) labels every batch of the 1x schedule at train time (``lpld.core.online_labels``) and
+the record counts its fp16 bytes as ``model_bytes`` (docs/frontier.md sections 6 and 8).
 
 Outputs (deterministic paths): checkpoints under
 ``<artifacts>/<dataset>/<teacher>/students/<images key>/<store key>/<student key>/``

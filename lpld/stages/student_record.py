@@ -112,9 +112,12 @@ def build_record(
         "image_pixel_bytes": raw_image_bytes(images.shape[0], images.shape[1], images.shape[2]),
         # a hard-label student (loss ce) reads no stored label, only the augmentation records it replays:
         # 0 label bytes, its records still counted (issue 19: the hard row showed the soft store's bytes)
-        "labels": "hard" if inp.settings["loss"] == "ce" else "soft",
+        "labels": inp.label_source if inp.online else "hard" if inp.settings["loss"] == "ce" else "soft",
         "label_bytes": pool.label_bytes - (pool.label_only_bytes if inp.settings["loss"] == "ce" else 0),
         "label_only_bytes": 0 if inp.settings["loss"] == "ce" else pool.label_only_bytes,
+        # a network the student runs at train time (lpld.report.accounting "model"): the online teacher, its
+        # parameters and buffers in fp16 (storage_accounting.model_bytes); 0 bytes of labels and records then
+        **({"model_bytes": inp.teacher_bytes, "model_bytes_of": _model_of[inp.label_source]} if inp.online else {}),
         "label_bytes_1x": full_store_bytes(inp.store),
         "compression_vs_1x": full_store_bytes(inp.store) / max(1, pool.label_bytes),
         "top1": float(res["val/top1"]),
@@ -129,6 +132,10 @@ def build_record(
         "global_batch": int(man["batch_size"]),
         **_epoch_accounting(trainer),
     }
+
+
+# what the "model" bytes of a record with no label store are (lpld.report.accounting)
+_model_of = {"online": "teacher fp16", "generator": "label generator fp16"}
 
 
 def finish_run(files: RunFiles, record: dict[str, Any]) -> None:

@@ -103,6 +103,13 @@ class StudentInputs:
     teacher_name: str
     world: int  # processes the trainer preset runs
     workers: int  # data-loader workers of the trainer preset
+    teacher: Any = None  # student.labels=online: the teacher that labels each batch (``store`` is its schedule)
+    teacher_bytes: int = 0  # ... and its fp16 parameter + buffer bytes (storage_accounting.model_bytes)
+    label_source: str = "stored"  # student.labels: stored | online (the teacher) | generator (a trained generator)
+
+    @property
+    def online(self) -> bool:
+        return self.teacher is not None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -123,6 +130,8 @@ def load_inputs(exp: Experiment) -> StudentInputs:
         expect_teacher_fingerprint=teacher_fp,
         allow_other_teacher=bool(exp.stage["allow_other_teacher"]),
     )
+    if str(exp.student.get("labels") or "stored") in ("online", "generator"):
+        return _online_inputs(exp, spec, images_dir, images, labels, img_man)
     store_dir = label_store_dir(exp)
     if not exp.stage.get("store") and not (store_dir / "manifest.json").is_file():
         from lpld.artifacts import labels as labels_artifact
@@ -155,3 +164,103 @@ def load_inputs(exp: Experiment) -> StudentInputs:
         world=world_size(exp),
         workers=num_workers(exp),
     )
+
+
+def _online_inputs(
+    exp: Experiment, spec: Any, images_dir: Path, images: torch.Tensor, labels: torch.Tensor, img_man: dict[str, Any]
+) -> StudentInputs:
+    """``student.labels=online``: no label store; the teacher (``lpld.artifacts.teacher.load``) labels every batch
+    of this config's full schedule (``lpld.core.online_labels.OnlineSchedule``), its fp16 bytes counted.
+    ``student.labels=generator``: a label generator trained here on the teacher's outputs (its own augmentation
+    draws, ``lpld.core.label_generator``) labels them instead, its fp16 bytes counted."""
+    import torch
+
+    from lpld.artifacts import labels as labels_artifact
+    from lpld.core.online_labels import OnlineSchedule
+    from lpld.core.storage_accounting import model_bytes
+
+    src = str(exp.student.get("labels"))
+    metric = metric_settings(exp)
+    if metric["name"] != "random" or exp.stage.get("store"):
+        raise ConfigError(
+            f"student.labels={src} reads no label store, so it cannot select stored batches (metric) or read "
+            "stage.store; drop metric= / stage.store, or use student.labels=stored"
+        )
+    if float(exp.prune.ratio) > 0:
+        raise ConfigError(
+            f"student.labels={src} labels every batch of the schedule, so prune={exp.prune.name} has nothing to "
+            "prune; drop the prune= override (prune=1x), or use student.labels=stored"
+        )
+    teacher, teacher_fp = teacher_artifact.load(exp)
+    schedule = OnlineSchedule(
+        labels_artifact.store_spec(exp, num_images=images.shape[0]),
+        {"images_fingerprint": img_man.get("images_fingerprint"), "teacher_fingerprint": teacher_fp},
+    )
+    st = student_settings(exp, schedule.manifest)
+    if st["granularity"] != "epoch" or st["loss"] == "ce":
+        raise ConfigError(
+            f"student.labels={src} labels every epoch's fresh batches (student.granularity=epoch) for a soft-label "
+            f"loss; got student.granularity={st['granularity']}, student.loss={st['loss']}: drop those overrides"
+        )
+    # where its runs live: beside the stores of these images, keyed by the schedule and the teacher
+    from lpld.core.io import fingerprint_obj
+
+    source = str(st["labels"])
+    key = fingerprint_obj([schedule.spec.to_dict(), teacher_fp])[:8]
+    store_dir = labels_artifact.path(exp).parent / f"{source}_s{schedule.spec.seed}_{key}"
+    check_store(schedule, img_man, images, spec, st, store_dir)
+    if source == "generator":
+        teacher = _train_generator(teacher, images, schedule, spec, st)
+    return StudentInputs(
+        spec=spec,
+        metric=metric,
+        images_dir=images_dir,
+        images=images,
+        labels=labels,
+        images_manifest=img_man,
+        store_dir=store_dir,
+        store=schedule,
+        settings=st,
+        model_cfg=student_model_cfg(exp),
+        seed=int(exp.seed),
+        stage=exp.stage,
+        dataset=exp.dataset,
+        prune=exp.prune,
+        method=str(exp.recover.name),
+        teacher_name=teacher_artifact.teacher_name(exp),
+        world=world_size(exp),
+        workers=num_workers(exp),
+        teacher=teacher,
+        teacher_bytes=model_bytes(teacher, torch.float16),
+        label_source=source,
+    )
+
+
+def _train_generator(teacher: Any, images: torch.Tensor, schedule: Any, spec: Any, st: dict[str, Any]) -> Any:
+    """The label generator of ``student.labels=generator``, trained on the teacher's logits over the schedule's
+    augmentations drawn from the generator's own seed (never the student's draws); fp16-rounded, on the CPU."""
+    import dataclasses
+
+    import numpy as np
+
+    from lpld.core.augment import to_model_input
+    from lpld.core.label_generator import train_generator
+    from lpld.core.online_labels import OnlineSchedule
+
+    seed = int(np.random.SeedSequence([schedule.spec.seed, 0x6E4]).generate_state(1)[0])
+    own = OnlineSchedule(dataclasses.replace(schedule.spec, seed=seed))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = to_model_input(images, spec.mean, spec.std).to(device)
+    gen, _ = train_generator(
+        teacher.to(device),
+        x,
+        own,
+        float(st["temperature"]),
+        passes=st["generator_passes"],
+        width=st["generator_width"],
+        depth=st["generator_depth"],
+        lr=st["generator_lr"],
+        seed=int(schedule.spec.seed),
+    )
+    teacher.cpu()
+    return gen.cpu()

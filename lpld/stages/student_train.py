@@ -41,6 +41,12 @@ def training_kwargs(st: dict[str, Any]) -> dict[str, Any]:
             "hi": st["ca_grid"][1],
             "n": int(st["ca_grid"][2]),
         },
+        # the hard / soft epochs (lpld.core.label_schedule); none: every epoch soft
+        "label_schedule": {
+            "name": st.get("label_schedule", "none"),
+            "hard_epochs": st.get("hard_epochs"),
+            "smoothing": st.get("hard_smoothing", 0.0),
+        },
         "optim": {
             "name": st["optimizer"],
             "lr": st["lr"],
@@ -78,6 +84,7 @@ def build_module(inp: StudentInputs) -> Any:
         label_smoothing=st["label_smoothing"],
         accumulate=int(st["accumulate"]),
         ema_decay=st["ema_decay"],
+        teacher=inp.teacher,  # student.labels=online: labels each replayed batch (None: the store's labels)
     )
     module.set_images(inp.images, inp.labels)
     return module
