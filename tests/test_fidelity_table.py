@@ -236,6 +236,8 @@ _NUM = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?!\w)")
 def _states(cell: str, want: Any) -> bool:
     """Whether a table cell states ``want``: a bool as the word true / false, a number as one of the cell's numbers,
     a list of numbers as numbers of the cell, a string as a substring (cells may explain around the value)."""
+    if want is None:  # an unset knob resolved later (e.g. HALD's hard epochs = E // 2): the cell says null
+        return re.search(r"\bnull\b", cell) is not None
     if isinstance(want, bool):
         return re.search(rf"\b{str(want).lower()}\b", cell.lower()) is not None
     nums = [float(t) for t in _NUM.findall(cell)]
