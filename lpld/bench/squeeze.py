@@ -38,7 +38,7 @@ def run(quick: bool = False) -> dict[str, float]:
     import lightning as L
 
     from lpld.config import squeeze_settings
-    from lpld.config.compose import compose
+    from lpld.config.experiment import compose_experiment
     from lpld.lit.classifier import ClassifierModule
     from lpld.models import build_model
     from lpld.stages.common import dataset_spec, to_container
@@ -46,7 +46,7 @@ def run(quick: bool = False) -> dict[str, float]:
 
     epochs = 3 if quick else 4
     tmp = Path(tempfile.mkdtemp(prefix="lpld-bench-squeeze-"))
-    cfg = compose(["stage=squeeze", "logger=none", "trainer.num_workers=0", f"paths.root={tmp}"])
+    cfg = compose_experiment(["stage=squeeze", "logger=none", "trainer.num_workers=0", f"paths.root={tmp}"])
     st = squeeze_settings(cfg)
     train_dl, _ = _dataloaders(cfg, st, int(st["batch_size"]))
     n_batches = 12 if quick else 40
