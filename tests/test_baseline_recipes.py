@@ -38,9 +38,9 @@ def test_recover_alpha_and_lr(overrides, alpha, lr):
 def test_method_entries_are_checked_against_the_recover_knobs():
     from lpld.config.schema import unknown_keys
 
-    cfg = compose_cfg(["dataset=tiny", "+dataset.recipe.recover_by_method.sre2l.alhpa=3"])
+    cfg = compose_cfg(["dataset=tiny", "+dataset.recipe.recover_by_method.sre2l.alhpa=3"], raw=True)
     assert unknown_keys(cfg) == ["dataset.recipe.recover_by_method.sre2l.alhpa"]
-    assert unknown_keys(compose_cfg(["dataset=tiny"])) == []
+    assert unknown_keys(compose_cfg(["dataset=tiny"], raw=True)) == []
 
 
 def test_in21k_stats_batch_and_its_switch():

@@ -18,7 +18,7 @@ from conftest import REPO, compose_cfg
 
 from lpld.stages import run_stage
 
-CHEAP = ("plan", "storage", "show")
+CHEAP = ("plan", "storage", "show", "artifacts")  # run for real: they only read or print
 
 
 def readme_commands() -> list[str]:
