@@ -99,11 +99,15 @@ def _single(stage: str, ov: list[str], extra=()):
 
 
 def _artifacts(root: Path) -> Path:
-    return root / "artifacts" / "imagefolder" / "convnet"
+    """The one teacher folder of this test's artifacts (``convnet-<key hash>``: folder names carry their key)."""
+    found = sorted((root / "artifacts" / "imagefolder").glob("convnet-*"))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _stats(root: Path) -> dict:
-    return torch.load(_artifacts(root) / "stats" / "exact.pt", map_location="cpu", weights_only=True)
+    (path,) = sorted((_artifacts(root) / "stats").glob("exact_*.pt"))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _store(root: Path) -> Path:

@@ -255,7 +255,11 @@ def test_run_py_end_to_end_demo_ipc10(tmp_path):
         "logger=none",
     ]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=300)
-    d = tmp_path / "artifacts" / "demo" / "convnet" / "images" / "lpld_ipc10_seed0"
+    from lpld.artifacts import images as images_artifact
+
+    # the folder the command wrote, found as every consumer finds it: from the same config (its key carries a hash)
+    over = ["stage=recover", "dataset=demo", "ipc=10", "model.width=8", f"paths.root={tmp_path}"]
+    d = images_artifact.path(compose_cfg([*over, "recover.iterations=2", "recover.classes_per_batch=5"]))
     imgs, labels, man = load_distilled(d)
     assert imgs.shape == (100, 1, 28, 28) and man["complete"]
     assert torch.bincount(labels).tolist() == [10] * 10
