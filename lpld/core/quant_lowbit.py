@@ -30,6 +30,7 @@ C <= 256 takes 10 + 8 + 2 = 20 B, 4-bit 10 + 4 + 2 = 16 B.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -194,9 +195,9 @@ class _TopKLowBit(LabelCodec):
             out["qtop"] = CodecArray((), np.dtype(np.float16))
         return out
 
+    @abstractmethod
     def values(self, z: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-        """The (B, C) values whose top k are kept."""
-        raise NotImplementedError
+        """The (B, C) values whose top k are kept: logits (mrq) or log-probabilities (msq), one per subclass."""
 
     def encode(self, z: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
         k, bits = int(cfg.k), int(cfg.param("bits"))

@@ -116,6 +116,21 @@ class StudentInputs:
         return self.store.manifest
 
 
+def _from_experiment(exp: Experiment) -> dict[str, Any]:
+    """The :class:`StudentInputs` fields that come from the experiment alone (every label source has them)."""
+    return {
+        "model_cfg": student_model_cfg(exp),
+        "seed": int(exp.seed),
+        "stage": exp.stage,
+        "dataset": exp.dataset,
+        "prune": exp.prune,
+        "method": str(exp.recover.name),
+        "teacher_name": teacher_artifact.teacher_name(exp),
+        "world": world_size(exp),
+        "workers": num_workers(exp),
+    }
+
+
 def load_inputs(exp: Experiment) -> StudentInputs:
     """Open the distilled images and the label store of this experiment and resolve the student settings."""
     from lpld.core.images import load_distilled
@@ -154,15 +169,7 @@ def load_inputs(exp: Experiment) -> StudentInputs:
         store_dir=store_dir,
         store=store,
         settings=st,
-        model_cfg=student_model_cfg(exp),
-        seed=int(exp.seed),
-        stage=exp.stage,
-        dataset=exp.dataset,
-        prune=exp.prune,
-        method=str(exp.recover.name),
-        teacher_name=teacher_artifact.teacher_name(exp),
-        world=world_size(exp),
-        workers=num_workers(exp),
+        **_from_experiment(exp),
     )
 
 
@@ -221,15 +228,7 @@ def _online_inputs(
         store_dir=store_dir,
         store=schedule,
         settings=st,
-        model_cfg=student_model_cfg(exp),
-        seed=int(exp.seed),
-        stage=exp.stage,
-        dataset=exp.dataset,
-        prune=exp.prune,
-        method=str(exp.recover.name),
-        teacher_name=teacher_artifact.teacher_name(exp),
-        world=world_size(exp),
-        workers=num_workers(exp),
+        **_from_experiment(exp),
         teacher=teacher,
         teacher_bytes=model_bytes(teacher, torch.float16),
         label_source=source,
