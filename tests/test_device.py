@@ -322,8 +322,18 @@ def test_stage_precision_and_perf_options_from_presets():
     class M(torch.nn.Module):
         model = net
 
-    GpuPerf(PerfOptions(channels_last=True)).setup(tr, M(), "fit")
-    assert net.weight.is_contiguous()  # not converted: the trainer's device is the CPU
+    GpuPerf(PerfOptions(channels_last=False, compile_student=True)).setup(tr, M(), "fit")
+    assert net.weight.is_contiguous() and getattr(net, "_compiled_call_impl", None) is None  # nothing done on CPU
+    # channels_last acts on any device (the cpu preset turns it on: oneDNN's faster layout)
+    assert compose_cfg(["trainer=cpu"]).trainer.perf.channels_last
+    net2 = torch.nn.Conv2d(3, 4, 3)
+
+    class M2(torch.nn.Module):
+        model = net2
+
+    GpuPerf(PerfOptions(channels_last=True, compile_student=True)).setup(tr, M2(), "fit")
+    assert net2.weight.is_contiguous(memory_format=torch.channels_last) and not net2.weight.is_contiguous()
+    assert getattr(net2, "_compiled_call_impl", None) is None  # compile stays CUDA-only
 
 
 def test_jpeg_draft_decode(tmp_path):

@@ -597,7 +597,7 @@ class StagePrecision:
 
 @dataclass
 class PerfConf:
-    """GPU options (lpld.lit.perf.PerfOptions); inactive on CPU devices."""
+    """Performance options (lpld.lit.perf.PerfOptions): all but ``channels_last`` act on CUDA devices only."""
 
     cudnn_benchmark: bool = False
     tf32: bool = False
