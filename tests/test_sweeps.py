@@ -52,8 +52,8 @@ def _check_job(cfg, chosen: dict[str, str], groups: set[str]) -> None:
     for key, v in chosen.items():
         if key in groups:
             assert cfg.hydra.runtime.choices[key] == v
-        else:
-            assert OmegaConf.select(cfg, key) == yaml.safe_load(v)
+        else:  # `+a.b` adds the key a.b
+            assert OmegaConf.select(cfg, key.lstrip("+")) == yaml.safe_load(v)
     from lpld.config.schema import unknown_keys
 
     assert not unknown_keys(cfg), unknown_keys(cfg)  # every knob a sweep sets is one the typed schemas know

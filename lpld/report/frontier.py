@@ -57,6 +57,8 @@ def frontier_rows(
             "ipc": display(get_field(first, "ipc", "?")),
             "prune": display(get_field(first, "prune", "?")),
             "quant": display(get_field(first, "quant", "none")),
+            "quant_mode": str(get_field(first, "quant.mode", "none")),  # the codec (lpld.report.goal)
+            "record_mode": str(get_field(first, "relabel.record_mode", "explicit")),
             "label_kind": label_kind(first),  # soft | hard | online | generator
             "label_recipe": label_recipe(first),  # the kind, plus a non-default loss / label schedule
             **{p: float(np.mean([b[p] for b in parts])) for p in (*PARTS, "total")},
@@ -153,10 +155,12 @@ def write_frontier(
     from pathlib import Path
 
     from lpld.core.io import atomic_write_bytes
+    from lpld.report.goal import goal, goal_markdown
 
     rows = frontier_rows(records, value, real_hard=real_hard)
     out = Path(out_dir)
-    atomic_write_bytes(out / "frontier.md", frontier_markdown(rows, value, title).encode())
+    text = frontier_markdown(rows, value, title) + "\n" + goal_markdown(goal(rows, value), value)
+    atomic_write_bytes(out / "frontier.md", text.encode())
     fig, _ = bytes_figure(rows, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})  # no timestamp: same records, same bytes

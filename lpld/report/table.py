@@ -38,6 +38,7 @@ IDENTITY_FIELDS = (
     "student_model",
     "student",
     "epochs",
+    "relabel.record_mode",  # seed-replayed records: the same labels, other bytes (issue 21)
 )
 _MISSING = object()
 
