@@ -8,8 +8,20 @@ from lpld.report.goal import goal, goal_markdown, is_lpqld, shipped
 
 
 def _row(prune, quant, acc, labels, records, model=0, mode="none", recipe="soft", record_mode="explicit"):
-    return dict(method="lpld", ipc="10", prune=prune, quant=quant, quant_mode=mode, label_recipe=recipe,
-                record_mode=record_mode, labels=labels, records=records, model=model, images=5000, top1=acc)
+    return dict(
+        method="lpld",
+        ipc="10",
+        prune=prune,
+        quant=quant,
+        quant_mode=mode,
+        label_recipe=recipe,
+        record_mode=record_mode,
+        labels=labels,
+        records=records,
+        model=model,
+        images=5000,
+        top1=acc,
+    )
 
 
 ROWS = [
