@@ -155,17 +155,9 @@ def segment_plan(seg: Segment, cfg: SynthesisConfig) -> JitterPlan:
         )
     else:
         smin = cfg.rrc_scale_min
-    g = make_generator(cfg.seed, "jitter", *seg.key)
+    g, size = make_generator(cfg.seed, "jitter", *seg.key), cfg.image_size
     return draw_jitter_plan(
-        g,
-        cfg.iterations,
-        cfg.image_size,
-        cfg.image_size,
-        smin,
-        cfg.rrc_scale_max,
-        flip=cfg.flip,
-        roll=cfg.roll,
-        crop=cfg.crop,
+        g, cfg.iterations, size, size, smin, cfg.rrc_scale_max, flip=cfg.flip, roll=cfg.roll, crop=cfg.crop
     )
 
 
