@@ -102,6 +102,7 @@ T9 = ["experiment=table9_ours_plus", "dataset=in1k", "model=resnet18", "ipc=10"]
 T8 = ["experiment=table8_rded", "dataset=in1k", "model=resnet18", "ipc=10"]
 ST = ["stage=student"]
 RL = ["stage=relabel"]
+IF32 = ["dataset=imagefolder", "dataset.num_classes=10", "dataset.image_size=32", "model=convnet"]
 
 # check id -> (overrides, resolver, key, expected lpld default)
 CASES: dict[str, tuple[list[str], Any, str, Any]] = {
@@ -135,6 +136,16 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "recover.sre2l.tv_l2": (["dataset=in1k", "recover=sre2l"], _recover, "tv_l2", 0.0),
     "recover.sre2l_tiny.alpha": (["dataset=tiny", "recover=sre2l"], _recover, "alpha", 1.0),
     "recover.cda_tiny.lr": (["dataset=tiny", "recover=cda"], _recover, "lr", 0.4),
+    "recover.cifar10_jpg.augment": (["dataset=cifar10_jpg"], _recover, "augment", "roll"),
+    "recover.cifar10_jpg.jitter": (["dataset=cifar10_jpg"], _recover, "jitter", 4),
+    "recover.demo.augment": (["dataset=demo"], _recover, "augment", "roll"),
+    "recover.imagefolder_32.augment": (IF32, _recover, "augment", "roll"),
+    "recover.imagefolder_32.jitter": (IF32, _recover, "jitter", 4),
+    "recover.imagefolder_32.iterations": (IF32, _recover, "iterations", 1000),
+    "relabel.cifar10_jpg.batch_size": (["dataset=cifar10_jpg", "ipc=10", *RL], _aug, "batch_size", 50),
+    "relabel.imagefolder_32.batch_size": ([*IF32, "ipc=10", *RL], _aug, "batch_size", 100),
+    "student.cifar10_jpg.temperature": (["dataset=cifar10_jpg", *ST], _student, "temperature", 20.0),
+    "student.demo.temperature": (["dataset=demo", *ST], _student, "temperature", 4.0),
     "recover.cda.milestone": (["dataset=in1k", "recover=cda"], _recover, "cda.milestone", 1.0),
     "recover.cda.schedule": (["dataset=in1k", "recover=cda"], _recover, "cda.schedule", "cosine"),
     "recover.rded.style": (["dataset=in1k", "recover=rded"], _recover, "rded.style", "official"),

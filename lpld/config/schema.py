@@ -391,6 +391,9 @@ class RecipeConf:
     recover: dict[str, Any] = field(default_factory=dict)
     student: dict[str, Any] = field(default_factory=dict)
     ipc_table: dict[Any, Any] = field(default_factory=dict)  # YAML keys are ints, command-line ones strings
+    # image-size threshold -> {<section>: {<knob>: value}} (or {refuse: "<reason and fix>"}), merged over the sections
+    # (under ipc_table) for dataset.image_size >= that threshold; dataset.recipe.size_table=null: off (issue 20)
+    size_table: dict[Any, Any] | None = field(default_factory=dict)
     # recover method -> recover knobs of that method's official run on this dataset (issue 20: SRe2L's Tiny script
     # uses --r-bn 1, CDA's Tiny command --lr 0.4), merged over `recover` and its ipc_table entry for that method only
     recover_by_method: dict[str, Any] = field(default_factory=dict)
@@ -414,6 +417,7 @@ class RecipeRecover:
     tv_l2: float | None = None
     l2: float | None = None
     jitter: int | None = None
+    augment: str | None = None  # rrc | roll (roll only: SRe2L small_dataset/recover_cifar.py)
 
 
 # recipe section -> the schemas whose knobs it may set (a key is checked against the first schema that has it)
@@ -808,13 +812,18 @@ def _unknown(cfg: Any) -> list[UnknownKey]:
         for method, entry in (recipe.get("recover_by_method") or {}).items():
             if entry is not None:
                 walk_section(entry, "recover", f"{prefix}recover_by_method.{method}.")
-        for ipc, entry in (recipe.get("ipc_table") or {}).items():
-            for section in entry or {}:
-                where = f"{prefix}ipc_table.{ipc}."
-                if section not in RECIPE_SECTIONS:
-                    bad.append(UnknownKey(f"{where}{section}", tuple(RECIPE_SECTIONS), "(RecipeConf)"))
-                elif entry[section] is not None:
-                    walk_section(entry[section], section, f"{where}{section}.")
+        for table, extra in (("ipc_table", ()), ("size_table", ("refuse",))):
+            for ipc, entry in (recipe.get(table) or {}).items():
+                _walk_entry(entry, f"{prefix}{table}.{ipc}.", extra)
+
+    def _walk_entry(entry: Any, where: str, extra: tuple[str, ...]) -> None:
+        for section in entry or {}:
+            if section in extra:
+                continue
+            if section not in RECIPE_SECTIONS:
+                bad.append(UnknownKey(f"{where}{section}", tuple(RECIPE_SECTIONS) + extra, "(RecipeConf)"))
+            elif entry[section] is not None:
+                walk_section(entry[section], section, f"{where}{section}.")
 
     def walk_section(sec: Any, section: str, prefix: str) -> None:
         valid = recipe_keys(section)
@@ -869,8 +878,9 @@ def bad_values(cfg: Any) -> list[str]:
         recipe = ds.get("recipe")
         if isinstance(recipe, DictConfig):
             sections = [(s, recipe.get(s), f"dataset.recipe.{s}") for s in RECIPE_SECTIONS]
-            for ipc, entry in (recipe.get("ipc_table") or {}).items():
-                sections += [(s, v, f"dataset.recipe.ipc_table.{ipc}.{s}") for s, v in (entry or {}).items()]
+            for table in ("ipc_table", "size_table"):
+                for ipc, entry in (recipe.get(table) or {}).items():
+                    sections += [(s, v, f"dataset.recipe.{table}.{ipc}.{s}") for s, v in (entry or {}).items()]
             for m, v in (recipe.get("recover_by_method") or {}).items():
                 sections.append(("recover", v, f"dataset.recipe.recover_by_method.{m}"))
             for section, sec, where in sections:

@@ -122,6 +122,7 @@ def draw_jitter_plan(
     ratio: tuple[float, float] = DEFAULT_RATIO,
     flip: bool = True,
     roll: int = 0,
+    crop: bool = True,
 ) -> JitterPlan:
     """Draw every augmentation of one segment for ``iterations`` steps.
 
@@ -139,6 +140,9 @@ def draw_jitter_plan(
         ratio: aspect-ratio range (w / h).
         flip: draw a horizontal flip with probability 0.5 (else never flip).
         roll: maximum roll in pixels; ``dy, dx`` ~ U{0..roll} (as ``random.randint(0, roll)``).
+        crop: draw the RandomResizedCrop box; False = the whole image every step and no flip, i.e. only the
+            roll (SRe2L's small-image recover, ``small_dataset/recover_cifar.py``: ``torch.roll`` by
+            ``randint(0, jitter)`` and nothing else). The same values are drawn either way.
 
     Returns:
         JitterPlan with tensors of shape (T,).
@@ -177,7 +181,10 @@ def draw_jitter_plan(
     left = torch.floor(pos[:, 1] * (width - w + 1).double()).long().clamp_max(width - w)
     top = torch.where(any_ok, top, (height - h) // 2)
     left = torch.where(any_ok, left, (width - w) // 2)
-    do_flip = (flip_u < 0.5) if flip else torch.zeros(T, dtype=torch.bool)
+    do_flip = (flip_u < 0.5) if flip and crop else torch.zeros(T, dtype=torch.bool)
+    if not crop:  # roll only: the box is the whole image (no resize), drawn values above left unused
+        top, left = torch.zeros_like(top), torch.zeros_like(left)
+        h, w = torch.full_like(h, height), torch.full_like(w, width)
     return JitterPlan(top=top, left=left, h=h, w=w, flip=do_flip, dy=shifts[:, 0], dx=shifts[:, 1])
 
 
@@ -229,6 +236,25 @@ def apply_jitter(x: torch.Tensor, plan: JitterPlan) -> torch.Tensor:
     H, W = x.shape[-2:]
     grid = jitter_grid(plan, H, W).to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def apply_roll(x: torch.Tensor, plan: JitterPlan) -> torch.Tensor:
+    """Roll every image of ``x`` by its own ``(dy, dx)`` and nothing else: the crop-off path (``crop=False``).
+
+    Exact (an index gather, no interpolation): image b equals ``torch.roll(x[b], (dy[b], dx[b]), (1, 2))``.
+
+    Args:
+        x: (B, C, H, W) images.
+        plan: per-image draws, tensors (B,) on ``x.device``; only ``dy`` and ``dx`` are read.
+
+    Returns:
+        (B, C, H, W) rolled images (differentiable w.r.t. ``x``).
+    """
+    B, C, H, W = x.shape
+    rows = (torch.arange(H, device=x.device)[None, :] - plan.dy[:, None]) % H  # (B, H): source row of row i
+    cols = (torch.arange(W, device=x.device)[None, :] - plan.dx[:, None]) % W  # (B, W)
+    x = x.gather(2, rows[:, None, :, None].expand(B, C, H, W))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
 
 def reference_jitter(x: torch.Tensor, plan: JitterPlan) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lpld.core.bn_hooks import BNInputHooks, bn_layers
-from lpld.core.jitter import JitterPlan, apply_jitter, cda_scale_min, draw_jitter_plan, make_generator
+from lpld.core.jitter import JitterPlan, apply_jitter, apply_roll, cda_scale_min, draw_jitter_plan, make_generator
 from lpld.core.recover_loss import LossWeights, SegmentLosses, recover_losses, segment_counts
 
 BATCHING = ("class", "slot")
@@ -77,6 +77,7 @@ class SynthesisConfig:
     rrc_scale_max: float = 1.0
     flip: bool = True
     roll: int = 0
+    crop: bool = True  # False: roll only, no RandomResizedCrop and no flip (SRe2L recover_cifar.py)
     cda_schedule: str | None = None
     cda_milestone: float = 0.0
     betas: tuple[float, float] = (0.5, 0.9)
@@ -154,9 +155,9 @@ def segment_plan(seg: Segment, cfg: SynthesisConfig) -> JitterPlan:
         )
     else:
         smin = cfg.rrc_scale_min
-    g = make_generator(cfg.seed, "jitter", *seg.key)
+    g, size = make_generator(cfg.seed, "jitter", *seg.key), cfg.image_size
     return draw_jitter_plan(
-        g, cfg.iterations, cfg.image_size, cfg.image_size, smin, cfg.rrc_scale_max, flip=cfg.flip, roll=cfg.roll
+        g, cfg.iterations, size, size, smin, cfg.rrc_scale_max, flip=cfg.flip, roll=cfg.roll, crop=cfg.crop
     )
 
 
@@ -315,7 +316,7 @@ def _synthesize(model, units, cfg, class_mean, class_var, device, on_step) -> li
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, t, cfg.iterations)
             step_plan = plans.at(t).index(seg)  # per-image draws (B,)
-            x_aug = apply_jitter(x, step_plan)
+            x_aug = apply_jitter(x, step_plan) if cfg.crop else apply_roll(x, step_plan)
             logits = model(x_aug)
             losses = recover_losses(
                 logits, targets, x_aug, hooks.inputs, seg, S, t_mean, t_var, cfg.weights, counts=counts

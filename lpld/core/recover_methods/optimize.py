@@ -28,6 +28,9 @@ from lpld.core.recover_methods.base import (
 from lpld.core.synthesis import BATCHING, SynthesisConfig, Unit, plan_units, synthesize
 
 CDA_SCHEDULES = ("step", "linear", "cosine")
+# per-step augmentation of the images being optimised: ``rrc`` = RandomResizedCrop(rrc_scale_min..max) + flip + roll
+# (LPLD / SRe2L ImageNet and Tiny scripts); ``roll`` = the roll alone (SRe2L small_dataset/recover_cifar.py)
+AUGMENTS = ("rrc", "roll")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # knobs (conf/recover/{lpld,lpld_c,sre2l,cda}.yaml extend these)
@@ -47,6 +50,7 @@ class RecoverOptimize(RecoverBase):
     l2: float | None = recipe_knob(1.0e-5, "image L2-norm prior")
     jitter: int | None = recipe_knob(4, "max random roll in pixels per step")
     betas: Any = recipe_knob([0.5, 0.9], "Adam betas")
+    augment: str | None = recipe_knob("rrc", "per-step augmentation: rrc (crop + flip + roll) | roll (roll only)")
     rrc_scale_min: float = 0.08  # RandomResizedCrop area range per step
     rrc_scale_max: float = 1.0
     flip: bool = True  # random horizontal flip per step
@@ -80,6 +84,7 @@ class RecoverCda(RecoverSlot):
 
 # the knobs a recipe may set (recover.<key> > ipc_table > dataset recipe > fallback)
 RECIPE_KEYS = tuple(f.name for f in fields(RecoverOptimize) if "recipe" in f.metadata)
+_OPT_KEYS = tuple(k for k in RECIPE_KEYS if k != "augment")  # always in the settings (augment only when roll)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,6 +120,11 @@ class OptimizeMethod(RecoverMethod):
             if s["group_classes"] < 1:
                 raise ConfigError("recover.group_classes must be >= 1")
         if "cda" in knobs:
+            if s.get("augment") == "roll":
+                raise ConfigError(
+                    "recover=cda is a curriculum on the RandomResizedCrop floor, but recover.augment resolved to "
+                    "'roll' (no crop; the small-image recipe); set recover.augment=rrc"
+                )
             s["cda"] = _cda(knobs["cda"])
         return s
 
@@ -171,10 +181,11 @@ def synthesis_config(
         pixel_min=lo,
         pixel_max=hi,
         seed=seed,
-        rrc_scale_min=float(s["rrc_scale_min"]),
-        rrc_scale_max=float(s["rrc_scale_max"]),
-        flip=bool(s["flip"]),
+        rrc_scale_min=float(s.get("rrc_scale_min", 0.08)),
+        rrc_scale_max=float(s.get("rrc_scale_max", 1.0)),
+        flip=bool(s.get("flip", False)),
         roll=int(s["jitter"]),
+        crop=s.get("augment", "rrc") == "rrc",
         cda_schedule=cda.get("schedule"),
         cda_milestone=float(cda.get("milestone", 0.0)),
         betas=(float(s["betas"][0]), float(s["betas"][1])),
@@ -183,7 +194,7 @@ def synthesis_config(
 
 def _optimize(k: Mapping[str, Any]) -> dict[str, Any]:
     """The BN-matching optimisation knobs (Eq. 6, Appendix C), validated."""
-    s: dict[str, Any] = {key: k[key] for key in RECIPE_KEYS}
+    s: dict[str, Any] = {key: k[key] for key in _OPT_KEYS}
     s["betas"] = [float(b) for b in s["betas"]]
     for key in ("iterations", "jitter"):
         s[key] = int(s[key])
@@ -204,6 +215,15 @@ def _optimize(k: Mapping[str, Any]) -> dict[str, Any]:
         )
     if not 0 < s["rrc_scale_min"] <= s["rrc_scale_max"] <= 1:
         raise ConfigError("need 0 < recover.rrc_scale_min <= recover.rrc_scale_max <= 1")
+    augment = str(k.get("augment") or "rrc")
+    if augment not in AUGMENTS:
+        raise ConfigError(f"recover.augment must be {'|'.join(AUGMENTS)}, got {augment!r}")
+    if augment == "roll":
+        # the roll alone: crop and flip knobs are not read, so they are not part of the images' identity; `rrc` adds
+        # no key, so images made before this knob keep their keys
+        for key in ("rrc_scale_min", "rrc_scale_max", "flip"):
+            del s[key]
+        s["augment"] = "roll"
     if s["init"] != "random":
         raise ConfigError(f"recover.init={s['init']} is not supported; the only initialisation is 'random' (Table 11)")
     return s
