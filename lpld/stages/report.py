@@ -100,23 +100,23 @@ def run(exp: Experiment) -> dict[str, Any]:
     src, out = resolve_inputs(exp)
     records = checked_records(src)
     log.info("report: %d records from %s", len(records), src)
+    title = str(st.get("title") or (f"{src.stem} results" if src.is_file() else "results"))
+    try:  # issue 21: bytes by part and DD-Ranking's scores; one row per run configuration, whatever the pivot's shape
+        write_frontier(filter_records(records, where), out, value, title, st.get("real_hard_top1"))
+    except ReportError as e:
+        log.warning("report: no frontier.md: %s", e)
     try:
         table = pivot(records, rows=rows, cols=cols, value=value, where=where)
     except ReportError as e:
         raise ConfigError(f"{e} (records from {src})") from e
     if table.dropped_duplicates:
         log.warning("report: %d duplicate record(s) of one run and seed; kept the latest", table.dropped_duplicates)
-    title = str(st.get("title") or (f"{src.stem} results" if src.is_file() else "results"))
     md = to_markdown(table, digits=digits, scale=scale, ddof=ddof, title=title)
     if (out / "report.md").exists():
         log.info("report: replacing the earlier report in %s", out)
     atomic_write_bytes(out / "report.md", md.encode())
     atomic_write_bytes(out / "report.csv", to_csv(table, digits, scale, ddof).encode())
     atomic_write_bytes(out / "report_long.csv", to_long_csv(table, scale, ddof).encode())
-    try:  # issue 21: bytes by part (images, labels, records, model) and DD-Ranking's IOR / HLR / LRS
-        write_frontier(filter_records(records, where), out, value, title, st.get("real_hard_top1"))
-    except ReportError as e:
-        log.warning("report: no frontier.md: %s", e)
     print(md)
     rgb = None
     if bool(st["pareto"]):
