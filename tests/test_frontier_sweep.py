@@ -40,7 +40,15 @@ def test_frontier_demo_sweep_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     fields = "ipc,method,quant,student.labels,student.loss,student.label_schedule,relabel.record_mode,prune.granularity"
     rows = f"stage.rows=[{fields}]"  # one row per family (the pivot refuses a cell mixing configurations)
-    rep = [sys.executable, "run.py", "stage=report", "stage.results_name=frontier_demo", rows, "stage.cols=[prune]", *base]
+    rep = [
+        sys.executable,
+        "run.py",
+        "stage=report",
+        "stage.results_name=frontier_demo",
+        rows,
+        "stage.cols=[prune]",
+        *base,
+    ]
     out = subprocess.run(rep, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     md = next((tmp_path / "art").rglob("frontier.md")).read_text()
