@@ -31,8 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CONF, REPO, compose_cfg, write_image_tree
-
-pytestmark = pytest.mark.slow
+from lightning.pytorch.callbacks import Callback
 
 RECOVER_METHODS = ("lpld", "sre2l", "rded")  # class-wise BN matching, batch BN matching, selection
 RECOVER = {
@@ -203,6 +202,7 @@ def _cases(rows: tuple, why: str) -> list:
     return [pytest.param(i, eq, id=i, marks=[] if eq else [xfail]) for i, _, eq in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tid,equal", _cases(TEACHERS, "BN over per-rank rows; squeeze has no ghost BN"))
 def test_squeeze_trains_the_one_process_teacher(runs, tid, equal):
     from lpld.artifacts import teacher as teacher_artifact
@@ -232,6 +232,7 @@ def _init_teacher(model_cfg: dict) -> dict[str, torch.Tensor]:
     return build_model(model_cfg, num_classes=4, in_chans=3, img_size=8).state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", RECOVER_METHODS)
 def test_recover_writes_the_one_process_image_bytes(runs, method):
     from lpld.core.images import list_pngs, read_manifest
@@ -247,6 +248,7 @@ def test_recover_writes_the_one_process_image_bytes(runs, method):
     assert ma["images_fingerprint"] == mb["images_fingerprint"] and ma["config_fingerprint"] == mb["config_fingerprint"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, _ in RELABELS])
 def test_relabel_writes_the_one_process_store_bytes(runs, name):
     from lpld.artifacts import labels
@@ -254,7 +256,10 @@ def test_relabel_writes_the_one_process_store_bytes(runs, name):
     base, one, two = runs
     (ov,) = [ov for n, ov in _jobs(one, base / "data") if n == name]
     stores = [labels.path(compose_cfg([*ov, f"paths.root={r}"])) for r in (one["relabel"], two["relabel"])]
-    a, b = stores
+    _assert_same_store(*stores)
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
     assert a.name == b.name
     names = sorted(p.name for p in a.iterdir() if p.is_file() and p.suffix != ".lock")
     assert names == sorted(p.name for p in b.iterdir() if p.is_file() and p.suffix != ".lock")
@@ -292,6 +297,7 @@ def _outputs(state: dict[str, torch.Tensor], sid: str) -> torch.Tensor:
         return model.eval()(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sid,equal", _cases(STUDENTS, "BN over per-rank rows until student.bn_rows (ghost BN)"))
 def test_student_trains_the_one_process_student(runs, sid, equal):
     _, one, two = runs
@@ -306,3 +312,95 @@ def test_student_trains_the_one_process_student(runs, sid, equal):
     torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
     print(f"student {sid}: top1 {ra['top1']} (1 rank) vs {rb['top1']} (2 ranks)")
     assert ra["top1"] == rb["top1"] and ra["top5"] == rb["top5"]
+
+
+# ----- ddp_spawn: the images reach the ranks by path, not through the module's pickle (issue 20 item 4) -----------
+
+
+class RecordImages(Callback):
+    """Writes, from each spawned rank at fit start, how its student holds the images: ``images.<rank>.json``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_fit_start(self, trainer, pl_module):
+        im = pl_module.images_u8
+        rec = {"rows": int(im.shape[0]), "shared": bool(im.is_shared()), "sum": int(im.long().sum())}
+        (Path(self.out_dir) / f"images.{trainer.global_rank}.json").write_text(json.dumps(rec))
+
+
+def _tiny_student_and_relabel_modules(tmp: Path):
+    from conftest import make_tiny_chain
+
+    from lpld.lit.relabel_module import RelabelModule
+    from lpld.lit.spawn_images import DistilledImagesSource
+    from lpld.stages.student_store import load_inputs
+    from lpld.stages.student_train import build_module
+
+    _, ov = make_tiny_chain(tmp)
+    inp = load_inputs(compose_cfg(["stage=student", *ov]))
+    student = build_module(inp)
+    relabel = RelabelModule(torch.nn.Linear(2, 2), tmp / "store", inp.images, (0.5,) * 3, (0.25,) * 3)
+    relabel.set_image_source(DistilledImagesSource(str(inp.images_dir), inp.images_manifest["images_fingerprint"]))
+    return inp, student, relabel
+
+
+def test_a_pickled_module_leaves_its_images_out_and_loads_them_in_setup(tmp_path):
+    import pickle
+
+    from lpld.lit.spawn_images import DistilledImagesSource
+
+    inp, student, relabel = _tiny_student_and_relabel_modules(tmp_path)
+    for module in (student, relabel):
+        copy = pickle.loads(pickle.dumps(module))
+        assert copy.images_u8.shape == (0, *inp.images.shape[1:]) and copy.images_u8.dtype == torch.uint8
+        assert module.images_u8.shape == inp.images.shape  # the pickled module itself keeps its images
+        copy.setup("fit")  # what each spawned rank runs before the loop
+        assert torch.equal(copy.images_u8, inp.images)
+    back = pickle.loads(pickle.dumps(student))
+    assert back.image_labels.numel() == 0
+    back.setup("validate")
+    assert torch.equal(back.image_labels, inp.labels) and back.image_labels.dtype == torch.long
+    # the pickle's size: with a source a 3 MB image set costs nothing, without one it is in the pickle
+    big = torch.randint(0, 256, (4096, 3, 16, 16), dtype=torch.uint8)
+    student.set_images(big, torch.zeros(4096, dtype=torch.long))
+    with_source = len(pickle.dumps(student))
+    student.set_image_source(None)
+    without = len(pickle.dumps(student))
+    print(f"pickled student: {with_source:,d} bytes with an image source, {without:,d} without ({big.numel():,d} px)")
+    assert with_source < 200_000 < big.numel() < without
+    # a folder rewritten between the launch and a rank's setup is refused, naming the folder
+    student.set_image_source(DistilledImagesSource(str(inp.images_dir), "0" * 16))
+    from lpld.core.io import ArtifactError
+
+    with pytest.raises(ArtifactError, match="changed while the run was starting"):
+        pickle.loads(pickle.dumps(student)).setup("fit")
+
+
+@pytest.mark.slow
+def test_ddp_spawn_ranks_load_the_images_and_train_the_one_process_student(runs, monkeypatch):
+    """trainer=ddp_cpu (ddp_spawn, 2 ranks): relabel writes the 1-process store bytes and the student trains the
+    1-process weights, each rank holding the images it decoded itself (not a shared-memory copy from the pickle)."""
+    from lpld.artifacts import labels
+    from lpld.stages import run_stage, student
+
+    base, one, _ = runs
+    root = base / "spawn"
+    _copy(_bn_teacher_dir(base / "one"), root, ("teacher", "stats", "images"))
+    jobs = dict(_jobs({k: root for k in one}, base / "data"))
+    monkeypatch.setattr(student, "extra_callbacks", [RecordImages(str(root))])
+    t0 = time.perf_counter()
+    for name in ("relabel", "student_no_norm"):
+        run_stage(compose_cfg([*jobs[name], "trainer=ddp_cpu", "trainer.precision=32-true"]))
+    print(f"ddp_spawn relabel + student: {time.perf_counter() - t0:.1f} s")
+    ref = dict(_jobs(one, base / "data"))["relabel"]
+    _assert_same_store(labels.path(compose_cfg(ref)), labels.path(compose_cfg(jobs["relabel"])))
+    (ra, wa, _), (rb, wb, _) = _student(one["student"], "no_norm"), _student(root, "no_norm")
+    assert (ra["world_size"], rb["world_size"]) == (1, 2)
+    _assert_weights_close(wa, wb, "student no_norm: 1 process vs ddp_spawn")
+    from lpld.core.images import load_distilled
+
+    u8, _, _ = load_distilled(next((_bn_teacher_dir(root) / "images").glob("lpld_ipc2_*")))
+    recs = [json.loads((root / f"images.{r}.json").read_text()) for r in (0, 1)]
+    # every rank: all 8 images, in its own memory (a tensor that came through the pickle lives in shared memory)
+    assert recs == [{"rows": 8, "shared": False, "sum": int(u8.long().sum())}] * 2, recs

@@ -33,6 +33,7 @@ from lpld.core import augment, kd_loss, quant
 from lpld.core.label_pool import epoch_plan
 from lpld.core.temperature import CA_MODES, SCHEDULES, ca_grid, ca_losses, dkr_temperature
 from lpld.lit.optim import DECAYS, LRSchedule, build_optimizer, step_scheduler
+from lpld.lit.spawn_images import ReloadableImages
 
 
 class StudentData(L.LightningDataModule):
@@ -185,7 +186,7 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-class StudentModule(L.LightningModule):
+class StudentModule(ReloadableImages, L.LightningModule):
     """Student training on a label store.
 
     Args:
@@ -209,7 +210,12 @@ class StudentModule(L.LightningModule):
             every epoch on the labels.
         teacher: ``student.labels=online``: a frozen teacher whose fp32 logits on each replayed batch are its
             labels (decoded like a ``quant=none`` store; ``lpld.core.online_labels``); None reads the store's.
+
+    With an image source (``set_image_source``) the images stay out of the module's pickle (ddp_spawn ranks load
+    them from the folder: ``lpld.lit.spawn_images``).
     """
+
+    image_attrs = ("images_u8", "image_labels")
 
     def __init__(
         self,
