@@ -52,6 +52,10 @@ STUDENTS = (
     ("no_norm", NO_NORM, True),
     # short batches split unevenly over ranks and slices (some of a rank's slices empty), CA's search on the last batch
     ("no_norm_b3_acc2_ca", [*NO_NORM, *B3, "student.accumulate=2", "student.ca=search"], True),
+    ("no_norm_online", [*NO_NORM, "student=online"], True),  # the teacher labels each replayed batch
+    ("no_norm_hald_mse_ema", [*NO_NORM, "student=hald", "student.loss=mse_gt", "student.ema_decay=0.5"], True),
+    ("no_norm_gift", [*NO_NORM, "student=gift"], True),
+    ("no_norm_confidence_10x", [*NO_NORM, "metric=confidence", "prune=10x"], True),  # a scored pool of the 1x store
     ("batch_norm", [], False),  # until student.bn_rows: BN over each rank's 2 rows vs the 1-process 4 rows
 )
 RELABELS = (("relabel", []), ("relabel_b3", B3))  # (job name, overrides): the stores the students read
