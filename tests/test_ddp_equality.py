@@ -383,9 +383,11 @@ def test_a_pickled_module_leaves_its_images_out_and_loads_them_in_setup(tmp_path
 
 @pytest.mark.slow
 def test_ddp_spawn_ranks_load_the_images_and_train_the_one_process_student(runs, monkeypatch):
-    """trainer=ddp_cpu (ddp_spawn, 2 ranks): relabel writes the 1-process store bytes and the student trains the
-    1-process weights, each rank holding the images it decoded itself (not a shared-memory copy from the pickle)."""
+    """trainer=ddp_cpu (ddp_spawn, 2 ranks): squeeze trains the 1-process teacher, relabel writes the 1-process store
+    bytes and the student trains the 1-process weights, each rank holding the images it decoded itself (not a
+    shared-memory copy from the pickle)."""
     from lpld.artifacts import labels
+    from lpld.artifacts import teacher as teacher_artifact
     from lpld.stages import run_stage, student
 
     base, one, _ = runs
@@ -394,11 +396,15 @@ def test_ddp_spawn_ranks_load_the_images_and_train_the_one_process_student(runs,
     jobs = dict(_jobs({k: root for k in one}, base / "data"))
     monkeypatch.setattr(student, "extra_callbacks", [RecordImages(str(root))])
     t0 = time.perf_counter()
-    for name in ("relabel", "student_no_norm"):
+    for name in ("squeeze_instance_norm", "relabel", "student_no_norm"):
         run_stage(compose_cfg([*jobs[name], "trainer=ddp_cpu", "trainer.precision=32-true"]))
-    print(f"ddp_spawn relabel + student: {time.perf_counter() - t0:.1f} s")
-    ref = dict(_jobs(one, base / "data"))["relabel"]
-    _assert_same_store(labels.path(compose_cfg(ref)), labels.path(compose_cfg(jobs["relabel"])))
+    print(f"ddp_spawn squeeze + relabel + student: {time.perf_counter() - t0:.1f} s")
+    refs = dict(_jobs(one, base / "data"))
+    pair = (refs["squeeze_instance_norm"], jobs["squeeze_instance_norm"])
+    a, b = (torch.load(teacher_artifact.path(compose_cfg(o)), weights_only=True) for o in pair)
+    _assert_weights_close(a["state_dict"], b["state_dict"], "squeeze instance_norm: 1 process vs ddp_spawn")
+    assert a["val"] == b["val"]
+    _assert_same_store(labels.path(compose_cfg(refs["relabel"])), labels.path(compose_cfg(jobs["relabel"])))
     (ra, wa, _), (rb, wb, _) = _student(one["student"], "no_norm"), _student(root, "no_norm")
     assert (ra["world_size"], rb["world_size"]) == (1, 2)
     _assert_weights_close(wa, wb, "student no_norm: 1 process vs ddp_spawn")
