@@ -57,7 +57,7 @@ class ReloadableImages:
     module's pickle when a source is set, and are loaded from it in ``setup`` of the process that unpickled it.
 
     ``image_attrs`` pairs with :meth:`DistilledImagesSource.load`'s (images, labels): the first name receives the
-    images, the second (if any) the labels as int64.
+    images, the second (if any) the labels as int64. A subclass that defines ``setup`` calls ``super().setup(stage)``.
     """
 
     image_attrs: tuple[str, ...] = ("images_u8",)
