@@ -31,9 +31,10 @@ from torch import nn
 from lpld.core import augment, quant
 from lpld.core.label_store import StoreWriter
 from lpld.errors import ConfigError
+from lpld.lit.spawn_images import ReloadableImages
 
 
-class RelabelModule(L.LightningModule):
+class RelabelModule(ReloadableImages, L.LightningModule):
     """Wraps the (eval-mode, frozen) teacher for ``Trainer.predict``.
 
     Args:
@@ -42,6 +43,9 @@ class RelabelModule(L.LightningModule):
         images_u8: (N, C, H, W) uint8 distilled images (held once; moved with the module).
         mean, std: the dataset normalization (``augment.to_model_input``).
         chunk: batches between commits.
+
+    With an image source (``set_image_source``) the images stay out of the module's pickle (ddp_spawn ranks load
+    them from the folder: ``lpld.lit.spawn_images``).
     """
 
     def __init__(

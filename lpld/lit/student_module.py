@@ -8,7 +8,8 @@ the i-th stored batch of this epoch's plan (``lpld.core.label_pool.epoch_plan``)
 decodes the stored labels at this epoch's teacher temperature (DKR,
 ``lpld.core.temperature.dkr_temperature``; ``lpld.core.quant.decode``) and applies the loss of
 ``lpld.core.kd_loss``. Calibrated Alignment re-searches the student temperature on the epoch's
-last batch (averaged over DDP ranks so all ranks agree).
+last stored batch (all its rows: loss sums and row counts summed over DDP ranks, so any world size picks the
+one-process temperature).
 
 Gradient accumulation (``accumulate > 1``) splits every stored batch into that many slices, one
 training step each, and lets Lightning step the optimizer once per stored batch: the summed
@@ -32,6 +33,7 @@ from lpld.core import augment, kd_loss, quant
 from lpld.core.label_pool import epoch_plan
 from lpld.core.temperature import CA_MODES, SCHEDULES, ca_grid, ca_losses, dkr_temperature
 from lpld.lit.optim import DECAYS, LRSchedule, build_optimizer, step_scheduler
+from lpld.lit.spawn_images import ReloadableImages
 
 
 class StudentData(L.LightningDataModule):
@@ -184,7 +186,7 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-class StudentModule(L.LightningModule):
+class StudentModule(ReloadableImages, L.LightningModule):
     """Student training on a label store.
 
     Args:
@@ -208,7 +210,12 @@ class StudentModule(L.LightningModule):
             every epoch on the labels.
         teacher: ``student.labels=online``: a frozen teacher whose fp32 logits on each replayed batch are its
             labels (decoded like a ``quant=none`` store; ``lpld.core.online_labels``); None reads the store's.
+
+    With an image source (``set_image_source``) the images stay out of the module's pickle (ddp_spawn ranks load
+    them from the folder: ``lpld.lit.spawn_images``).
     """
+
+    image_attrs = ("images_u8", "image_labels")
 
     def __init__(
         self,
@@ -263,7 +270,7 @@ class StudentModule(L.LightningModule):
         # CA state (checkpointed through on_save_checkpoint)
         self.student_temperature = float(ca.get("value") or 1.0)
         self.last_val: dict[str, float] = {}
-        self._last_for_ca: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ca_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's (logits, target) of the last batch
         self._epoch_rows, self._epoch_steps = 0, 0  # this rank's rows / optimizer steps in the current epoch
         # student.labels=online (lpld.core.online_labels): the frozen teacher labels each replayed batch. Held in a
         # tuple, not as a submodule: never trained, checkpointed, put in train mode or broadcast by DDP
@@ -430,6 +437,7 @@ class StudentModule(L.LightningModule):
         teacher_t = self.teacher_temperature()
         if n <= 0:  # a short batch with fewer rows than pieces: keep every rank's step count equal
             logits = self.model(x[:1])
+            self._ca_step(batch_idx, None)  # ...and its part in CA's reduction
             return logits.sum() * 0.0
         logits = self.model(x[sl])
         loss, target = self.compute_loss(logits, stored, sl, teacher_t)
@@ -459,10 +467,7 @@ class StudentModule(L.LightningModule):
         # per epoch in on_train_epoch_end, since a per-step `log` of a Python float is a host->device copy
         self._epoch_rows += n
         self._epoch_steps += int(chunk == k - 1)
-        if target is not None and self.hparams.ca["mode"] == "search":
-            self._last_for_ca = (logits.detach(), target.detach())
-            if batch_idx == self.trainer.num_training_batches - 1:
-                self._ca_search()
+        self._ca_step(batch_idx, None if target is None else (logits.detach(), target.detach()))
         return scaled
 
     def on_train_epoch_start(self) -> None:
@@ -473,17 +478,43 @@ class StudentModule(L.LightningModule):
         self.log("train/rows", float(self._epoch_rows), reduce_fx="sum", sync_dist=True)
         self.log("train/steps", float(self._epoch_steps))
 
+    def _ca_step(self, batch_idx: int, rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """CA search: keep this rank's rows of the epoch's last stored batch (its ``accumulate`` slices); search after
+        its last slice. Every rank calls this at every step (rows None: none here), so all join the reduction."""
+        if self.hparams.ca["mode"] != "search" or self.label_phase() != "soft":
+            return
+        last = int(self.trainer.num_training_batches)
+        if batch_idx < last - int(self.hparams.accumulate):
+            return
+        if rows is not None:
+            self._ca_rows.append(rows)
+        if batch_idx == last - 1:
+            self._ca_search()
+
     def _ca_search(self) -> None:
-        """CA: pick T_s minimising KL(p || softmax(z / T_s)) on the last batch, averaged over ranks."""
-        assert self._last_for_ca is not None
+        """CA: pick T_s minimising KL(p || softmax(z / T_s)) over the rows of the epoch's last stored batch.
+
+        On W ranks the per-candidate loss sums and row counts are summed over the ranks, so the mean is the one
+        process's over the whole batch (a rank may hold no row of a short batch); one process ranks its mean as is.
+        """
         c = self.hparams.ca
         grid = ca_grid(float(c.get("lo", 0.01)), float(c.get("hi", 1.0)), int(c.get("n", 100)))
-        z, p = self._last_for_ca
-        losses = ca_losses(z, p, grid).float()
+        rows, self._ca_rows = self._ca_rows, []
         if self.trainer.world_size > 1:
-            losses = self.trainer.strategy.reduce(losses, reduce_op="mean")
+            total = torch.zeros(len(grid) + 1, dtype=torch.float64, device=self.device)
+            if rows:
+                z, p = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+                total[:-1] = ca_losses(z, p, grid) * z.shape[0]
+                total[-1] = z.shape[0]
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            if float(total[-1]) == 0:
+                return
+            losses = (total[:-1] / total[-1]).float()
+        elif rows:
+            losses = ca_losses(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), grid).float()
+        else:
+            return
         self.student_temperature = float(grid[int(torch.argmin(losses.cpu()))])
-        self._last_for_ca = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -71,6 +71,7 @@ def run(exp: Experiment) -> dict[str, Any]:
     from lpld.core.storage_accounting import format_table
     from lpld.lit.relabel_datamodule import RelabelDataModule
     from lpld.lit.relabel_module import RelabelModule
+    from lpld.lit.spawn_images import DistilledImagesSource
     from lpld.stages.common import build_trainer, dataset_spec, num_workers
 
     st = exp.stage  # how this stage runs; what the store holds is relabel_settings(exp) (the `relabel` group)
@@ -116,6 +117,7 @@ def run(exp: Experiment) -> dict[str, Any]:
             path, None if bpf is None else int(bpf), num_workers=num_workers(exp) if nw is None else int(nw)
         )
         module = RelabelModule(teacher, path, images, ds.mean, ds.std, chunk=int(st.chunk))
+        module.set_image_source(DistilledImagesSource(str(images_dir), img_man.get("images_fingerprint")))  # spawn
         del images  # the module holds the only copy (moved to the device by the Trainer)
         precision = relabel_settings(exp)["precision"]  # the teacher forward's (part of what the store holds)
         trainer = build_trainer(

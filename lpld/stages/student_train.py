@@ -64,6 +64,7 @@ def build_module(inp: StudentInputs) -> Any:
     """A fresh StudentModule seeded by ``seed`` (its initialisation is the first draw after seeding)."""
     import lightning as L
 
+    from lpld.lit.spawn_images import DistilledImagesSource
     from lpld.lit.student_module import StudentModule
 
     st, man, spec = inp.settings, inp.manifest, inp.spec
@@ -87,6 +88,7 @@ def build_module(inp: StudentInputs) -> Any:
         teacher=inp.teacher,  # student.labels=online: labels each replayed batch (None: the store's labels)
     )
     module.set_images(inp.images, inp.labels)
+    module.set_image_source(DistilledImagesSource(str(inp.images_dir), inp.images_manifest.get("images_fingerprint")))
     return module
 
 
