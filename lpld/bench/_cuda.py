@@ -89,7 +89,7 @@ def _peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def _preset_exp(device: torch.device, *overrides: str) -> Any:
+def preset_exp(device: torch.device, *overrides: str) -> Any:
     """The frozen experiment of the preset the stage would run on ``device`` (``trainer=gpu`` on CUDA, else
     ``trainer=cpu`` with no workers): the bench builds its Trainer and jobs from it as the stages do."""
     from lpld.config.compose import compose
@@ -338,7 +338,7 @@ def bench_stats_stage(device: torch.device, img: int, num_classes: int, n_batche
         root = Path(tmp)
         n = n_batches * batch
         _write_jpeg_folder(root / "data", n, num_classes, img * 8 // 7)
-        exp = _preset_exp(
+        exp = preset_exp(
             device, "stage=stats", "dataset=in1k", "model=resnet18", f"dataset.root={root / 'data'}",
             f"dataset.num_classes={num_classes}", f"dataset.image_size={img}", f"stage.batch_size={batch}",
             f"paths.artifacts={root / 'artifacts'}",
@@ -366,16 +366,30 @@ def bench_stats_stage(device: torch.device, img: int, num_classes: int, n_batche
 
 
 # ----------------------------------------------------------------------------------------------- relabel
+def relabel_stage(path: Path, teacher: nn.Module, u8: torch.Tensor, mean, std, exp: Any) -> None:
+    """The relabel stage's loop on a prepared store (``lpld.stages.relabel.run``): ``trainer.predict`` of
+    ``RelabelModule`` (uint8 images held once, replayed per stored batch) over ``RelabelDataModule``, with the
+    preset's Trainer (perf options, workers) at fp32; the caller finalizes."""
+    from lpld.lit.relabel_datamodule import RelabelDataModule
+    from lpld.lit.relabel_module import RelabelModule
+    from lpld.stages.common import build_trainer
+
+    module = RelabelModule(teacher, path, u8, mean, std)
+    trainer = build_trainer(
+        exp, logger=None, use_distributed_sampler=False, inference_mode=True, precision="32-true",
+        enable_progress_bar=False,
+    )  # fmt: skip
+    dm = RelabelDataModule(path, None, int(exp.trainer["num_workers"]))
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+
+
 def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: int, batch: int = 128) -> dict:
     """The relabel stage's predict loop over plain forwards; see the module docstring (``relabel_over_forward``)."""
     from lpld.core.augment import AugConfig
     from lpld.core.label_store import StoreSpec, finalize, prepare
     from lpld.core.quant import QuantConfig
-    from lpld.lit.relabel_datamodule import RelabelDataModule
-    from lpld.lit.relabel_module import RelabelModule
-    from lpld.stages.common import build_trainer
 
-    exp = _preset_exp(device, "stage=relabel")
+    exp = preset_exp(device, "stage=relabel")
     teacher = _channels_last(_resnet18(num_classes, img, device), exp, device)
     n = n_batches * batch
     u8 = torch.randint(0, 256, (n, 3, img, img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -385,7 +399,6 @@ def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: i
     )
     idxs = [augment.batch_indices(0, 0, i, n, batch).to(device) for i in range(n_batches)]
     meta = {"images_fingerprint": "bench", "teacher_fingerprint": "bench"}
-    workers = int(exp.trainer["num_workers"])
     best_f = best_r = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         _peak_reset(device)
@@ -400,12 +413,7 @@ def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: i
             path = Path(tmp) / f"s{rep}"
             t0 = time.perf_counter()
             prepare(path, spec, meta)
-            module = RelabelModule(teacher, path, u8, MEAN, STD)
-            trainer = build_trainer(
-                exp, logger=None, use_distributed_sampler=False, inference_mode=True, precision="32-true",
-                enable_progress_bar=False,
-            )  # fmt: skip
-            trainer.predict(module, datamodule=RelabelDataModule(path, None, workers), return_predictions=False)
+            relabel_stage(path, teacher, u8, MEAN, STD, exp)
             finalize(path)
             _sync(device)
             tr = time.perf_counter() - t0
@@ -440,7 +448,7 @@ def bench_student(device: torch.device, img: int, num_classes: int, n_batches: i
         )
         module.set_images(u8, labels)
         data = StudentData(store, torch.arange(len(store)).numpy(), n_batches, "batch", seed=0)
-        exp = _preset_exp(device, "stage=student")
+        exp = preset_exp(device, "stage=student")
         plain = _plain_student_epoch(device, u8, store, n_batches, img, num_classes, exp)
         timer = EpochTimer(plain, time.perf_counter)
         timer.sync = lambda: _sync(device)
