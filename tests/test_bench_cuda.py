@@ -15,7 +15,10 @@ KEYS = {
     "recover_img_per_s_ipc50",
     "recover_speedup_vs_per_class",
     "recover_speedup_vs_per_class_ipc50",
-    "stats_over_forward",
+    "stats_over_forward",  # the stage's official-mode pass with data loading (issue 20)
+    "stats_img_per_s",
+    "stats_mode_official",
+    "stats_exact_over_forward",
     "stats_official_over_forward",
     "stats_official_over_lpld",
     "relabel_img_per_s",
@@ -50,3 +53,4 @@ def test_cuda_suite_code_paths_on_cpu():
     r = _cuda.run("cpu", tiny=True)
     assert KEYS <= set(r), KEYS - set(r)
     assert all(v == v and v >= 0 for v in r.values())
+    assert r["stats_mode_official"] == 1.0  # the preset's mode (in1k: official) was the one timed

@@ -179,9 +179,11 @@ def test_every_dataset_recipe_key_is_read():
     for f in sorted((CONF / "dataset").glob("*.yaml")):
         recipe = yaml.safe_load(f.read_text())["recipe"]
         sections = [recipe] + [e for e in (recipe.get("ipc_table") or {}).values() if e]
+        sizes = [e for e in (recipe.get("size_table") or {}).values() if e]
+        sections += [{k: v for k, v in e.items() if k != "refuse"} for e in sizes]  # refuse: the reason, no knob
         for sec in sections:
             for section, keys in sec.items():
-                if section == "ipc_table":
+                if section in ("ipc_table", "size_table"):
                     continue
                 if section == "recover_by_method":  # method -> recover knobs (issue 20)
                     for m, ks in (keys or {}).items():

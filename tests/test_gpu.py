@@ -87,6 +87,27 @@ def test_2_stats_equal_cpu(gpu_root):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_2b_official_stats_equal_cpu(gpu_root):
+    """The presets' own mode (in1k / tiny / in21k: ``official``, the augmented EMA) on the GPU equals the CPU pass:
+    the crops and the order are keyed by the teacher seed, so only fp32 rounding differs; same global batch."""
+    from lpld.artifacts import stats as stats_artifact
+    from lpld.stages import dispatch
+
+    _, base = gpu_root
+    off = ("stage=stats", "stage.mode=official", "stage.batch_size=8")
+    cpu = _cfg(base, *off, "trainer=cpu")
+    dispatch(cpu)
+    ref = torch.load(stats_artifact.path(cpu), map_location="cpu", weights_only=True)
+    gpu = _cfg(base, *off, "stage.overwrite=true", "trainer.perf.tf32=false")
+    dispatch(gpu)
+    got = torch.load(stats_artifact.path(gpu), map_location="cpu", weights_only=True)
+    assert got["mode"] == ref["mode"] == "official" and got["global_batch"] == ref["global_batch"] == 8
+    assert torch.equal(got["count"], ref["count"]) and int(got["count"].sum()) == N_CLASSES * 8
+    for key in ("mean", "var"):
+        for a, b in zip(got[key], ref[key], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_3_recover_matches_cpu_and_stage_runs(gpu_root):
     from lpld.artifacts import images as images_artifact
     from lpld.artifacts import teacher as teacher_artifact
@@ -174,6 +195,10 @@ def test_5_student_records_top1(gpu_root):
     dispatch(cfg)
     recs = load_records(results_artifact.dir(cfg) / "gpu.jsonl")
     assert len(recs) == 1 and 0.0 <= recs[0]["top1"] <= 1.0
+    rec, n_val = recs[0], N_CLASSES * 8
+    assert abs(rec["top1"] * n_val - round(rec["top1"] * n_val)) < 1e-4  # a count of the 32 val images
+    assert rec["top5"] == pytest.approx(1.0)  # 4 classes: the top 5 hold every class
+    assert rec["top1"] <= rec["top5"] and (rec["epochs"], rec["global_batch"]) == (3, 4)
 
 
 def test_6_reduced_demo_pipeline_on_gpu(tmp_path):

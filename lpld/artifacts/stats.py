@@ -113,6 +113,9 @@ def prepare(out: Path, teacher_fingerprint: str, mode: str, overwrite: bool) -> 
             ) from e
         same = isinstance(old, dict) and old.get("teacher_fingerprint") == teacher_fingerprint
         if same and old.get("mode") == mode:
+            from lpld.core.bnstats import check_global_batch
+
+            check_global_batch(old, out)  # an EMA file from before the global-batch fix is not reused (issue 20)
             release_lock(out)
             return "reuse"
         raise ArtifactError(

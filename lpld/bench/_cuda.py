@@ -6,24 +6,33 @@ class-wise statistics targets are synthetic (no dataset needed). Times are wall-
 not timed. Peak memory is ``torch.cuda.max_memory_allocated`` of each section (GiB).
 
 * ``recover_img_per_s_ipc10`` / ``_ipc50``: LPLD recover (``lpld.core.synthesis.synthesize``, class-wise
-  batching + class-wise targets), device batches filled up to ``max_batch_images`` (256, the recover
-  default): images optimised per second (each image counted once per iteration).
+  batching + class-wise targets, the teacher in the GPU preset's channels_last), device batches filled up to
+  ``max_batch_images`` (256, the recover default): images optimised per second (each image counted once per
+  iteration).
 * ``recover_speedup_vs_per_class`` (IPC 10; ``_ipc50``): the same work done the official way, measured
   here: one class per batch, sequentially, with a faithful re-implementation of the official loop (one
   RandomResizedCrop + flip per batch, BN forward hooks that compute mean/var over the batch and the
   norm to the class's targets, CE + alpha * BN loss, Adam, clip). Target >= 3.
-* ``stats_over_forward``: ``ClasswiseBNStats.update`` (exact mode) / plain eval forward, batch 256, random
-  labels over 1000 classes. Target <= 1.2. ``stats_official_over_forward``: a faithful re-implementation
-  of the official per-class Python loop (per BN layer, per class present in the batch: mean/var of that
-  class's rows, EMA update with momentum 0.1); ``stats_official_over_lpld`` the ratio of the two.
-* ``relabel_img_per_s`` / ``relabel_over_forward``: ``lpld.core.relabel.generate`` on the device (draw on
-  the host, replay on the device, teacher forward, quantization on the device, one host copy of the
-  labels, memory-mapped writes) / a plain eval forward of the same batches. Batch 128, quant none,
-  explicit records, fp32 (the relabel default) with the preset's TF32. Target <= 1.2.
+* ``stats_over_forward``: the stats stage as the GPU presets run it (``trainer=gpu``: channels_last, cuDNN
+  benchmark, TF32; ``dataset=in1k``'s ``official`` mode, RandomResizedCrop + flip, batch 256): ``trainer.test``
+  of ``lpld.lit.stats_module.StatsModule`` built by the stage's own ``stats_job`` over JPEG files written to a
+  temporary folder, data loading included / the same ``trainer.test`` whose step is only the teacher forward
+  (same loader, workers and Trainer). Target <= 1.2. ``stats_img_per_s``: images per second of that pass.
+  ``stats_exact_over_forward``: ``ClasswiseBNStats.update`` (exact mode) / plain eval forward on tensors already
+  on the device (no loading). ``stats_official_over_forward``: a faithful re-implementation of the official
+  per-class Python loop (per BN layer, per class present in the batch: mean/var of that class's rows, EMA update
+  with momentum 0.1) on the same tensors; ``stats_official_over_lpld`` its time over lpld's exact update.
+* ``relabel_img_per_s`` / ``relabel_over_forward``: the relabel stage's path, ``trainer.predict`` of
+  ``lpld.lit.relabel_module.RelabelModule`` with ``RelabelDataModule`` (uint8 images held on the device, the
+  stored augmentation replayed per batch from them, the teacher once per group of batches, quantization on the
+  device, memory-mapped writes, commits; ``finalize`` hashing the store) under the GPU preset's perf options /
+  a plain eval forward of the same number of batches (channels_last as the preset). Batch 128, quant none,
+  explicit records, fp32 (the relabel default). Target <= 1.2.
 * ``student_over_fwdbwd``: one student epoch through Lightning (``StudentModule`` + ``StudentData`` on a
   real store: replay of the stored augmentation incl. CutMix on the device, label decoding, KL, backward,
-  AdamW step) at bf16-mixed (the GPU preset) / a plain bf16 forward + backward of the same model on the
-  same number of already-augmented batches. Batch 128. Target <= 1.2.
+  AdamW step) at bf16-mixed with the GPU preset's perf options (channels_last) / a plain bf16 forward +
+  backward of the same model (channels_last as the preset) on the same number of already-augmented batches.
+  Batch 128. Target <= 1.2.
 """
 
 from __future__ import annotations
@@ -79,6 +88,49 @@ def _peak_reset(device: torch.device) -> None:
 
 def _peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def preset_exp(device: torch.device, *overrides: str) -> Any:
+    """The frozen experiment of the preset the stage would run on ``device`` (``trainer=gpu`` on CUDA, else
+    ``trainer=cpu`` with no workers): the bench builds its Trainer and jobs from it as the stages do."""
+    from lpld.config.compose import compose
+    from lpld.config.experiment import freeze
+
+    dev = ["trainer=gpu"] if device.type == "cuda" else ["trainer=cpu", "trainer.num_workers=0"]
+    ov = ["logger=none", *dev, *overrides]
+    return freeze(compose(ov), ov)
+
+
+def _perf(exp: Any) -> Any:
+    from lpld.lit.perf import PerfOptions
+
+    return PerfOptions.from_cfg(exp.trainer.get("perf"))
+
+
+def _channels_last(model: nn.Module, exp: Any, device: torch.device) -> nn.Module:
+    """The preset's memory format on a CUDA device (GpuPerf does the same to the stage's networks)."""
+    if device.type == "cuda" and _perf(exp).channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _write_jpeg_folder(root: Path, n: int, num_classes: int, side: int) -> None:
+    """``n`` smooth random JPEGs (``side`` px) in ``root/train/<class>/`` (image i in class i % C) and one per
+    class in ``root/val/<class>/``: an ImageNet-layout folder for the stats pass's loader."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(num_classes):
+        (root / "train" / f"c{c:05d}").mkdir(parents=True, exist_ok=True)
+        (root / "val" / f"c{c:05d}").mkdir(parents=True, exist_ok=True)
+    for i in range(max(n, num_classes)):
+        low = torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8)[None].float()
+        img = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)[0]
+        arr = img.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        split, c = ("train", i % num_classes) if i < n else ("val", i % num_classes)
+        Image.fromarray(arr).save(root / split / f"c{c:05d}" / f"{i:06d}.jpg")
+        if i < num_classes and i < n:  # val: one image per class
+            Image.fromarray(arr).save(root / "val" / f"c{c:05d}" / f"{i:06d}.jpg")
 
 
 def _synthetic_targets(model: nn.Module, num_classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -174,13 +226,18 @@ def _recover_per_class(model, mean, var, ipc, classes, iters, img, device) -> fl
 
 
 def bench_recover(device: torch.device, img: int, num_classes: int, iters: int, ipcs=(10, 50)) -> dict[str, float]:
+    import copy
+
     model = _resnet18(num_classes, img, device)
     mean, var = _synthetic_targets(model, num_classes)
+    # lpld's loop with the recover stage's teacher layout (GpuPerf: the preset's channels_last); the official
+    # reference keeps the official scripts' NCHW
+    lpld_model = _channels_last(copy.deepcopy(model), preset_exp(device, "stage=recover"), device)
     out: dict[str, float] = {}
     for ipc in ipcs:
         per_batch = min(num_classes, max(1, 256 // ipc))  # recover's max_batch_images default
         _peak_reset(device)
-        t = _recover_lpld(model, mean, var, ipc, list(range(per_batch)), iters, img, device)
+        t = _recover_lpld(lpld_model, mean, var, ipc, list(range(per_batch)), iters, img, device)
         out[f"recover_peak_mem_gib_ipc{ipc}"] = _peak_gib(device)
         t1 = _recover_per_class(model, mean, var, ipc, [0, 1], iters, img, device)
         lpld_rate = per_batch * ipc / t
@@ -260,22 +317,86 @@ def bench_stats(device: torch.device, img: int, num_classes: int, n_batches: int
     finally:
         off.close()
     return {
-        "stats_over_forward": best_s / best_f,
-        "stats_img_per_s": n_batches * batch / best_s,
+        "stats_exact_over_forward": best_s / best_f,
         "stats_official_over_forward": t_off / best_f,
         "stats_official_over_lpld": t_off / best_s,
         "stats_peak_mem_gib": peak,
     }
 
 
+def bench_stats_stage(device: torch.device, img: int, num_classes: int, n_batches: int, batch: int = 256) -> dict:
+    """The stats stage's pass (the preset's mode, loader and Trainer) over its forward-only twin; see the module
+    docstring (``stats_over_forward``)."""
+    from lpld.lit.stats_module import StatsModule
+    from lpld.stages.common import build_trainer
+    from lpld.stages.stats import stats_job
+
+    class ForwardOnly(StatsModule):
+        """The same loader and Trainer; the step is the teacher forward alone (nothing accumulated)."""
+
+        def test_step(self, batch, batch_idx):
+            self.teacher(batch[0])
+
+        def on_test_epoch_end(self) -> None:
+            self.result = None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        n = n_batches * batch
+        _write_jpeg_folder(root / "data", n, num_classes, img * 8 // 7)
+        exp = preset_exp(
+            device, "stage=stats", "dataset=in1k", "model=resnet18", f"dataset.root={root / 'data'}",
+            f"dataset.num_classes={num_classes}", f"dataset.image_size={img}", f"stage.batch_size={batch}",
+            f"paths.artifacts={root / 'artifacts'}",
+        )  # fmt: skip
+        job = stats_job(exp, root / "stats.pt")
+        teacher = _channels_last(_resnet18(num_classes, img, device), exp, device)
+        times: dict[str, float] = {"stats": float("inf"), "forward": float("inf")}
+        for _ in range(2):  # the best of two of each: the first also pays cuDNN's search and the page cache
+            for name, kind in (("forward", ForwardOnly), ("stats", StatsModule)):
+                module = kind(teacher, "bench", job)
+                trainer = build_trainer(
+                    exp, logger=None, use_distributed_sampler=False, inference_mode=True, enable_progress_bar=False
+                )
+                _sync(device)
+                t0 = time.perf_counter()
+                trainer.test(module, verbose=False)
+                _sync(device)
+                times[name] = min(times[name], time.perf_counter() - t0)
+        assert module.result is not None and int(module.result["global_batch"]) == batch  # the stats pass ran
+    return {
+        "stats_over_forward": times["stats"] / times["forward"],
+        "stats_img_per_s": n / times["stats"],
+        "stats_mode_official": float(job.mode == "official"),  # 1.0: the preset's official EMA was timed
+    }
+
+
 # ----------------------------------------------------------------------------------------------- relabel
+def relabel_stage(path: Path, teacher: nn.Module, u8: torch.Tensor, mean, std, exp: Any) -> None:
+    """The relabel stage's loop on a prepared store (``lpld.stages.relabel.run``): ``trainer.predict`` of
+    ``RelabelModule`` (uint8 images held once, replayed per stored batch) over ``RelabelDataModule``, with the
+    preset's Trainer (perf options, workers) at fp32; the caller finalizes."""
+    from lpld.lit.relabel_datamodule import RelabelDataModule
+    from lpld.lit.relabel_module import RelabelModule
+    from lpld.stages.common import build_trainer
+
+    module = RelabelModule(teacher, path, u8, mean, std)
+    trainer = build_trainer(
+        exp, logger=None, use_distributed_sampler=False, inference_mode=True, precision="32-true",
+        enable_progress_bar=False,
+    )  # fmt: skip
+    dm = RelabelDataModule(path, None, int(exp.trainer["num_workers"]))
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+
+
 def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: int, batch: int = 128) -> dict:
+    """The relabel stage's predict loop over plain forwards; see the module docstring (``relabel_over_forward``)."""
     from lpld.core.augment import AugConfig
     from lpld.core.label_store import StoreSpec, finalize, prepare
     from lpld.core.quant import QuantConfig
-    from lpld.core.relabel import generate
 
-    teacher = _resnet18(num_classes, img, device)
+    exp = preset_exp(device, "stage=relabel")
+    teacher = _channels_last(_resnet18(num_classes, img, device), exp, device)
     n = n_batches * batch
     u8 = torch.randint(0, 256, (n, 3, img, img), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = augment.to_model_input(u8.to(device), MEAN, STD)
@@ -298,8 +419,7 @@ def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: i
             path = Path(tmp) / f"s{rep}"
             t0 = time.perf_counter()
             prepare(path, spec, meta)
-            with torch.no_grad():
-                generate(path, teacher, x, device=device)
+            relabel_stage(path, teacher, u8, MEAN, STD, exp)
             finalize(path)
             _sync(device)
             tr = time.perf_counter() - t0
@@ -316,6 +436,7 @@ def bench_relabel(device: torch.device, img: int, num_classes: int, n_batches: i
 def bench_student(device: torch.device, img: int, num_classes: int, n_batches: int, epochs: int, batch: int = 128):
     """One student epoch through Lightning over a plain forward + backward of the same batches (ResNet-18)."""
     from lpld.bench.student import EpochTimer, bench_module, bench_store, bench_trainer
+    from lpld.lit.perf import GpuPerf
     from lpld.lit.student_module import StudentData
     from lpld.models import build_model
 
@@ -333,12 +454,15 @@ def bench_student(device: torch.device, img: int, num_classes: int, n_batches: i
         )
         module.set_images(u8, labels)
         data = StudentData(store, torch.arange(len(store)).numpy(), n_batches, "batch", seed=0)
-        timer = EpochTimer(_plain_student_epoch(device, u8, store, n_batches, img, num_classes), time.perf_counter)
+        exp = preset_exp(device, "stage=student")
+        plain = _plain_student_epoch(device, u8, store, n_batches, img, num_classes, exp)
+        timer = EpochTimer(plain, time.perf_counter)
         timer.sync = lambda: _sync(device)
         _peak_reset(device)
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-        bench_trainer(epochs, timer, accelerator, precision).fit(module, datamodule=data)
+        perf = [GpuPerf(_perf(exp))]  # the preset's channels_last etc. (acts on CUDA only, as in the stage)
+        bench_trainer(epochs, timer, accelerator, precision, callbacks=perf).fit(module, datamodule=data)
         ratios = timer.ratios()
     return {
         "student_over_fwdbwd": float(statistics.median(ratios)),
@@ -348,13 +472,14 @@ def bench_student(device: torch.device, img: int, num_classes: int, n_batches: i
 
 
 def _plain_student_epoch(
-    device: torch.device, u8: torch.Tensor, store: Any, n_batches: int, img: int, num_classes: int
+    device: torch.device, u8: torch.Tensor, store: Any, n_batches: int, img: int, num_classes: int, exp: Any
 ) -> Callable[[], float]:
     """The reference: forward + backward (bf16 autocast on a GPU) of a ResNet-18 over the stored batches,
     already augmented and held on the device; returns a function timing one such epoch."""
     from lpld.models import build_model
 
     model = build_model({"name": "resnet18"}, num_classes=num_classes, in_chans=3, img_size=img).to(device).train()
+    _channels_last(model, exp, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     x_all = augment.to_model_input(u8.to(device), MEAN, STD)
     stored = [store.read(i) for i in range(n_batches)]
@@ -399,7 +524,13 @@ def run(device: str = "cuda", quick: bool = False, tiny: bool = False) -> dict[s
     b = {"stats": 16, "relabel": 8, "student": 8} if tiny else {"stats": 256, "relabel": 128, "student": 128}
     for name, fn in (
         ("recover", lambda: bench_recover(dev, img, c, it)),
-        ("stats", lambda: bench_stats(dev, img, c, nb["stats"], b["stats"])),
+        (
+            "stats",
+            lambda: {
+                **bench_stats(dev, img, c, nb["stats"], b["stats"]),
+                **bench_stats_stage(dev, img, c, nb["stats"], b["stats"]),
+            },
+        ),
         ("relabel", lambda: bench_relabel(dev, img, c, nb["relabel"], b["relabel"])),
         ("student", lambda: bench_student(dev, img, c, nb["student"], 3 if tiny else 4, b["student"])),
     ):

@@ -1,9 +1,10 @@
 """Relabel / label-store benchmarks (ratios measured in the same run).
 
-* ``relabel_over_forward``: prepare + generate + finalize of a label store (augmentation draw and
-  apply, teacher forward, quantization, memory-mapped writes, checksums) divided by a plain
-  eval forward of the same teacher on the same (un-augmented) batches. CIFAR ResNet-18 at 32 px,
-  C = 1000, batch 128, quant none, explicit records.
+* ``relabel_over_forward``: prepare + the relabel stage's predict loop (``RelabelModule`` on the uint8 images:
+  augmentation replay per stored batch, teacher forward, quantization, memory-mapped writes, commits; the
+  ``trainer=cpu`` preset's Trainer, ``lpld.bench._cuda.relabel_stage``) + finalize (checksums) of a label store,
+  divided by a plain eval forward of the same teacher on the same (un-augmented) batches. CIFAR ResNet-18 at
+  32 px, C = 1000, batch 128, quant none, explicit records.
 * ``disk_over_accounting``: every file of that store (manifest included) / the accounting total.
 * ``store_read_over_memory``: reading every stored batch (``store.read``: labels, indices, records)
   / slicing the same logit rows from an in-memory tensor.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lpld.bench._cuda import preset_exp, relabel_stage
 from lpld.core import augment
 from lpld.core.augment import AugConfig
 from lpld.core.label_store import LabelStore, StoreSpec, disk_bytes, finalize, prepare
@@ -52,6 +54,7 @@ def _relabel_vs_forward(tmp: Path, n_batches: int) -> dict[str, float]:
     u8 = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     x = augment.to_model_input(u8, (0.5,) * 3, (0.25,) * 3)
     spec = _spec(n, c, 32, 1, QuantConfig("none"), "explicit")
+    exp = preset_exp(torch.device("cpu"), "stage=relabel")
     batches = [augment.batch_indices(0, 0, i, n, b) for i in range(n_batches)]
     with torch.no_grad():
         teacher(x[batches[0]])  # warm-up
@@ -66,7 +69,7 @@ def _relabel_vs_forward(tmp: Path, n_batches: int) -> dict[str, float]:
         path = tmp / f"none{rep}"
         t0 = time.perf_counter()
         prepare(path, spec, META)
-        generate(path, teacher, x)
+        relabel_stage(path, teacher, u8, (0.5,) * 3, (0.25,) * 3, exp)
         finalize(path)
         best_r = min(best_r, time.perf_counter() - t0)
     store = LabelStore.open(path)

@@ -109,8 +109,10 @@ def bench_module(arch: dict, num_classes: int, hw: int, temp: dict, epochs: int,
     )
 
 
-def bench_trainer(epochs: int, timer: L.Callback, accelerator: str = "cpu", precision: str = "32-true") -> L.Trainer:
-    """A bare single-device Trainer: no logger, checkpoints, progress bar or validation."""
+def bench_trainer(
+    epochs: int, timer: L.Callback, accelerator: str = "cpu", precision: str = "32-true", callbacks: list | None = None
+) -> L.Trainer:
+    """A bare single-device Trainer: no logger, checkpoints, progress bar or validation (``callbacks`` added)."""
     return L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -120,7 +122,7 @@ def bench_trainer(epochs: int, timer: L.Callback, accelerator: str = "cpu", prec
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, *(callbacks or [])],
         limit_val_batches=0,
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=False,

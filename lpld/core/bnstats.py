@@ -256,6 +256,7 @@ def load_classwise_stats(
     for k in ("layers", "mean", "var", "count", "teacher_fingerprint"):
         if k not in stats:
             raise ArtifactError(f"{path} lacks '{k}'; it is not a stats artifact. Rerun `stage=stats`")
+    check_global_batch(stats, path)
     fp = stats["teacher_fingerprint"]
     if expect_teacher_fingerprint is not None and fp != expect_teacher_fingerprint and not allow_other_teacher:
         raise ArtifactError(
@@ -264,3 +265,23 @@ def load_classwise_stats(
             "recover.allow_other_teacher=true to use them anyway"
         )
     return stats
+
+
+def check_global_batch(stats: dict[str, Any], path: str | Path) -> None:
+    """Refuse EMA statistics (``official`` / ``ema``) written before the global-batch fix (issue 20).
+
+    Before it, a pass on W processes updated each rank's EMA with that rank's rows alone (batch / W images per
+    update, W times as many updates) and saved rank 0's counts; such a file has the same name as a correct one
+    and lacks ``global_batch``. A one-process file of that time is correct but cannot be told apart, so every
+    EMA file without the field is refused. Exact-mode files are unaffected (their sums were always reduced).
+
+    Raises:
+        ArtifactError: naming the fix, ``stage=stats stage.overwrite=true``.
+    """
+    mode = stats.get("mode")
+    if mode in EMA_MODES and "global_batch" not in stats:
+        raise ArtifactError(
+            f"{path} holds {mode}-mode class-wise BN statistics written before the global-batch fix (no "
+            "'global_batch' in the file): on several processes their EMA saw one rank's rows per update; rerun "
+            "`python run.py stage=stats stage.overwrite=true` with the same dataset/model overrides to recompute them"
+        )
