@@ -218,16 +218,16 @@ NEW_IMAGES_LABELS = {
         "self_none_1x-batch_none_explicit_s0_e100b64_75a38239",
     ),
     "dataset=cifar10_jpg stage=recover": (
-        "lpld_ipc10_seed0_963317dd",
-        "self_cutmix_1x-batch_none_explicit_s0_e300b50_57df7a52",
+        "lpld_ipc10_seed0_4389b758",
+        "self_cutmix_1x-batch_none_explicit_s0_e300b50_4128e4ec",
     ),
     "model=resnet18 dataset=cifar10 stage=student": (
-        "lpld_ipc10_seed0_b45e6d5d",
-        "self_cutmix_1x-batch_none_explicit_s0_e300b50_f3a8a19f",
+        "lpld_ipc10_seed0_c04c55af",
+        "self_cutmix_1x-batch_none_explicit_s0_e300b50_e317af82",
     ),
     "model=swinv2_tiny dataset=cifar10 stage=student": (
-        "lpld_ipc10_seed0_bf7ee9c3",
-        "self_cutmix_1x-batch_none_explicit_s0_e300b50_4241eda3",
+        "lpld_ipc10_seed0_815fdd61",
+        "self_cutmix_1x-batch_none_explicit_s0_e300b50_5806cb9b",
     ),
 }
 

@@ -126,8 +126,7 @@ def _temperature_and_batch(*o: str) -> tuple[float, int]:
 def test_small_presets_recover_rolls_only(ds):
     s = _rec(ds)
     assert (s["augment"], s["jitter"]) == ("roll", 4)
-    assert (s["rrc_scale_min"], s["rrc_scale_max"], s["flip"]) == (None, None, None)  # not read: no part of the key
-    assert _rec(ds, "recover.rrc_scale_min=0.5", "recover.flip=false") == s
+    assert not {"rrc_scale_min", "rrc_scale_max", "flip"} & set(s)  # not read, so not part of the images' key
     old = _rec(ds, "recover.augment=rrc")  # the switch: lpld before
     assert "augment" not in old and (old["rrc_scale_min"], old["flip"], old["jitter"]) == (0.08, True, 4)
 

@@ -181,9 +181,9 @@ def synthesis_config(
         pixel_min=lo,
         pixel_max=hi,
         seed=seed,
-        rrc_scale_min=float(s.get("rrc_scale_min") or 0.08),  # null under augment=roll (not read)
-        rrc_scale_max=float(s.get("rrc_scale_max") or 1.0),
-        flip=bool(s.get("flip")),
+        rrc_scale_min=float(s.get("rrc_scale_min", 0.08)),
+        rrc_scale_max=float(s.get("rrc_scale_max", 1.0)),
+        flip=bool(s.get("flip", False)),
         roll=int(s["jitter"]),
         crop=s.get("augment", "rrc") == "rrc",
         cda_schedule=cda.get("schedule"),
@@ -219,9 +219,11 @@ def _optimize(k: Mapping[str, Any]) -> dict[str, Any]:
     if augment not in AUGMENTS:
         raise ConfigError(f"recover.augment must be {'|'.join(AUGMENTS)}, got {augment!r}")
     if augment == "roll":
-        # the roll alone: the crop and flip knobs are not read (null here, so `show` says so and they are no part of
-        # the images' identity); `rrc` adds no key, so images made before this knob keep their keys
-        s.update(rrc_scale_min=None, rrc_scale_max=None, flip=None, augment="roll")
+        # the roll alone: crop and flip knobs are not read, so they are not part of the images' identity; `rrc` adds
+        # no key, so images made before this knob keep their keys
+        for key in ("rrc_scale_min", "rrc_scale_max", "flip"):
+            del s[key]
+        s["augment"] = "roll"
     if s["init"] != "random":
         raise ConfigError(f"recover.init={s['init']} is not supported; the only initialisation is 'random' (Table 11)")
     return s
