@@ -299,3 +299,20 @@ def test_student_module_regroups_its_batchnorm(monkeypatch):
     )
     with pytest.raises(ConfigError, match="student.bn_rows=4"):
         module("student.bn_rows=4", world=8)  # 2 rows per rank: the module refuses too
+
+
+def test_plan_reports_the_student_batchnorm_rows_per_world_size():
+    """stage=plan describes the rows each student BatchNorm layer normalises over, and refuses as the stage would."""
+    from lpld.config import student_settings
+    from lpld.stages.plan import _student_bn
+
+    cfg = compose_cfg(["stage=plan", "dataset=in1k"])
+    st = student_settings(cfg, {**MAN, "batch_size": 128})
+    assert _student_bn(cfg, st, 128, 1) == {"bn_rows": 32, "bn_groups_per_rank": 4, "bn": "ghost"}
+    assert _student_bn(cfg, st, 128, 4) == {"bn_rows": 32, "bn_groups_per_rank": 1, "bn": "ghost"}
+    with pytest.raises(ConfigError, match=r"bn_rows=32 .*exceeds the 16 rows"):
+        _student_bn(cfg, st, 128, 8)
+    plain = student_settings(
+        compose_cfg(["stage=plan", "dataset=in1k", "student.bn_rows=0"]), {**MAN, "batch_size": 128}
+    )
+    assert _student_bn(cfg, plain, 128, 8) == {"bn_rows": 16, "bn_groups_per_rank": 1, "bn": "per rank"}
