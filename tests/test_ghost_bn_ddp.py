@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, compose_cfg
+from conftest import compose_cfg
 
 pytestmark = pytest.mark.slow
 
