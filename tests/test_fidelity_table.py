@@ -92,6 +92,12 @@ def _data(cfg) -> dict[str, Any]:
     return {"mean": list(s.mean), "std": list(s.std)}
 
 
+def _student_bn(cfg) -> dict[str, Any]:
+    """The student's BatchNorm grouping (issue 20 item 2): ``bn_rows`` / ``sync_bn`` are absent when off."""
+    st = _student(cfg)
+    return {"bn_rows": st.get("bn_rows"), "bn_running": st.get("bn_running"), "sync_bn": st.get("sync_bn", False)}
+
+
 def _precision(cfg) -> dict[str, Any]:
     from lpld.config.precision import resolve_precision
 
@@ -198,6 +204,12 @@ CASES: dict[str, tuple[list[str], Any, str, Any]] = {
     "student.in21k.lr": (["dataset=in21k", *ST], _student, "lr", 0.002),
     "student.in21k.label_smoothing": (["dataset=in21k", *ST], _student, "label_smoothing", 0.2),
     "student.in21k.smoothing_space": (["dataset=in21k", *ST], _student, "smoothing_space", "logits"),
+    "student.in1k.bn_rows": (["dataset=in1k", *ST], _student_bn, "bn_rows", 32),
+    "student.in21k.bn_rows": (["dataset=in21k", *ST], _student_bn, "bn_rows", 8),
+    "student.tiny.bn_rows": (["dataset=tiny", *ST], _student_bn, "bn_rows", 64),
+    "student.cifar10_jpg.bn_rows": (["dataset=cifar10_jpg", *ST], _student_bn, "bn_rows", None),
+    "student.in1k.bn_running": (["dataset=in1k", *ST], _student_bn, "bn_running", "first"),
+    "student.in1k.sync_bn": (["dataset=in1k", *ST], _student_bn, "sync_bn", False),
     "student.table9.loss": ([*T9, *ST], _student, "loss", "mse_gt"),
     "student.table9.mse_target": ([*T9, *ST], _student, "mse_target", "logits"),
     "student.table9.gamma": ([*T9, *ST], _student, "gamma", 0.1),
@@ -287,6 +299,9 @@ def test_lpld_default_cell_states_the_resolved_value(check):
         ("prune.40x.pool_select", "`random`"),
         ("recover.in1k.image_format", "png"),
         ("trainer.gpu.student", "bf16-mixed"),
+        ("student.in1k.bn_rows", "16"),  # the per-rank rows of 8 devices, not the official replica's
+        ("student.cifar10_jpg.bn_rows", "32"),  # null stated as a number
+        ("student.in1k.sync_bn", "true"),
     ],
 )
 def test_a_wrong_cell_fails(check, wrong):

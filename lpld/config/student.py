@@ -71,6 +71,7 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
     if labels == "generator":
         out.update({f"generator_{n}": int(k.get(f"generator_{n}")) for n in ("width", "depth", "passes")})
         out["generator_lr"] = float(k.get("generator_lr"))
+    out.update(bn_settings(cfg, k, man))  # only when set: runs without ghost / sync BN keep their keys
     sched = str(k.get("label_schedule"))  # only when scheduled: unscheduled runs keep their keys
     if sched != "none":
         hard = k.get("hard_epochs")
@@ -84,6 +85,90 @@ def student_settings(cfg: Any, store_manifest: dict[str, Any] | None = None) -> 
             "relabel with quant=none, or set student.mse_target=probs (MSE between distributions)"
         )
     return out
+
+
+def bn_settings(cfg: Any, k: Knobs, man: dict[str, Any]) -> dict[str, Any]:
+    """The student's BatchNorm grouping (lpld.core.ghost_bn), checked against the trainer preset's world size.
+
+    Returns ``{}`` (each rank's forward normalised as one group: lpld before issue 20), ``{"bn_rows": R,
+    "bn_running": rule}`` (ghost BN: groups of R rows at any world size) or ``{"sync_bn": True}``. ``student.bn_rows``
+    0 and null (with no recipe value) both mean the whole per-rank forward; ``student.sync_bn=true`` replaces the
+    recipe's ``bn_rows`` and is refused with an explicit one.
+
+    Raises:
+        ConfigError: a negative ``bn_rows``, an unknown ``bn_running``, ``sync_bn`` with an explicit ``bn_rows``, or a
+            grouping this world size cannot run (:func:`bn_groups_per_rank`).
+    """
+    from lpld.core.ghost_bn import RUNNING_RULES
+
+    raw = k.get("bn_rows")
+    rows = int(raw) if raw is not None else 0
+    if rows < 0:
+        raise ConfigError(f"student.bn_rows={rows} must be >= 1 (rows per BatchNorm group) or 0 (each rank's forward)")
+    running = str(k.get("bn_running"))
+    if running not in RUNNING_RULES:
+        raise ConfigError(f"unknown student.bn_running={running!r}; valid: {', '.join(RUNNING_RULES)}")
+    sync = bool(k.get("sync_bn"))
+    if sync and rows:
+        explicit = node_get(cfg.get("student"), "bn_rows")
+        if explicit is not None and int(explicit) != 0:
+            raise ConfigError(
+                f"student.sync_bn=true normalises over every rank's rows, student.bn_rows={int(explicit)} over groups "
+                "of a fixed size: set one of them (student.bn_rows=0 with sync_bn, or student.sync_bn=false)"
+            )
+        rows = 0  # the recipe's per-replica grouping yields to an asked-for SyncBatchNorm
+    out: dict[str, Any] = {"bn_rows": rows, "bn_running": running} if rows else {}
+    out.update({"sync_bn": True} if sync else {})
+    from lpld.config.relabel import relabel_settings
+    from lpld.dist import planned_world_size
+
+    batch = man.get("batch_size") or relabel_settings(cfg)["batch_size"]
+    if batch is not None:
+        trainer = cfg.get("trainer")
+        accel = str(node_get(trainer, "accelerator") or "cpu")
+        bn_groups_per_rank(out, int(batch), int(k.get("accumulate")), planned_world_size(cfg), accel)
+    return out
+
+
+def bn_groups_per_rank(bn: dict[str, Any], batch: int, accumulate: int, world: int, accelerator: str = "gpu") -> int:
+    """BatchNorm groups in one rank's training forward: ``rows / bn_rows`` with ``rows = batch / (accumulate x world)``
+    (``lpld.lit.student_module.rank_rows``), or 1 without ghost BN.
+
+    Args:
+        bn: :func:`bn_settings`' output (``bn_rows`` / ``sync_bn`` keys when set).
+        batch: the stored batch (the student's global batch of one optimizer step).
+        accumulate: ``student.accumulate`` (forwards per stored batch on each rank).
+        world: processes the trainer runs.
+        accelerator: the trainer's (SyncBatchNorm runs on GPUs only).
+
+    Raises:
+        ConfigError: ``bn_rows`` does not divide the rows of one rank's forward, or exceeds them (a group would
+            span ranks), naming the fixes; ``sync_bn`` on several CPU processes.
+    """
+    if bn.get("sync_bn") and world > 1 and accelerator == "cpu":
+        raise ConfigError(
+            f"student.sync_bn=true needs GPUs (torch's SyncBatchNorm refuses CPU tensors); the trainer runs {world} "
+            "CPU processes; run on GPUs, or set student.sync_bn=false"
+        )
+    rows = int(bn.get("bn_rows") or 0)
+    if not rows:
+        return 1
+    per = batch // (accumulate * world)
+    if batch % (accumulate * world) == 0 and per >= rows and per % rows == 0:
+        return per // rows
+    fits = [w for w in range(1, batch + 1) if batch % (accumulate * w) == 0 and (batch // (accumulate * w)) % rows == 0]
+    why = (
+        f"exceeds the {per} rows of one rank's forward (a group would span ranks)"
+        if batch % (accumulate * world) == 0 and per < rows
+        else f"does not divide the {batch / (accumulate * world):g} rows of one rank's forward"
+    )
+    fixes = [f"trainer.devices (x trainer.num_nodes) in {fits}"] if fits else []
+    fixes += [f"a student.bn_rows that divides {per}"] if per > 1 and per < rows or per % rows else []
+    fixes += ["student.sync_bn=true (BatchNorm over all ranks' rows)", f"student.bn_rows=0 (each rank's {per} rows)"]
+    raise ConfigError(
+        f"student.bn_rows={rows} (BatchNorm rows per group) {why}: batch {batch} / (accumulate {accumulate} x world "
+        f"size {world}). Use {', or '.join(fixes)}"
+    )
 
 
 def pool_draw_settings(cfg: Any) -> dict[str, Any]:

@@ -210,6 +210,9 @@ class StudentModule(ReloadableImages, L.LightningModule):
             every epoch on the labels.
         teacher: ``student.labels=online``: a frozen teacher whose fp32 logits on each replayed batch are its
             labels (decoded like a ``quant=none`` store; ``lpld.core.online_labels``); None reads the store's.
+        bn: the student's BatchNorm grouping, applied in ``setup`` once the world size is known
+            (``lpld.core.ghost_bn``): {"rows": rows per group (0: each rank's forward), "running": first | mean,
+            "sync": SyncBatchNorm over the ranks, "batch": the stored batch}; None: plain BatchNorm.
 
     With an image source (``set_image_source``) the images stay out of the module's pickle (ddp_spawn ranks load
     them from the folder: ``lpld.lit.spawn_images``).
@@ -238,6 +241,7 @@ class StudentModule(ReloadableImages, L.LightningModule):
         ema_decay: float = 0.0,
         teacher: torch.nn.Module | None = None,
         label_schedule: dict[str, Any] | None = None,
+        bn: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
@@ -309,6 +313,24 @@ class StudentModule(ReloadableImages, L.LightningModule):
         from lpld.core.online_labels import teacher_logits, with_teacher_logits
 
         return with_teacher_logits(stored, teacher_logits(self._online_teacher[0], x))
+
+    def setup(self, stage: str) -> None:
+        """Regroup the student's BatchNorm layers for this world size (before DDP wraps the model); a spawned rank
+        first loads its images (``ReloadableImages.setup``)."""
+        super().setup(stage)
+        bn = dict(self.hparams.get("bn") or {})
+        if not bn or getattr(self, "_bn_applied", False):
+            return
+        from lpld.core.ghost_bn import convert_ghost_bn, convert_sync_bn, ghost_groups
+
+        world = int(self.trainer.world_size) if self._trainer is not None else 1
+        if bool(bn.get("sync")) and world > 1:
+            self.model = convert_sync_bn(self.model)
+        elif int(bn.get("rows") or 0):
+            rows = int(bn["batch"]) // (int(self.hparams.accumulate) * world)  # one rank's forward (rank_rows)
+            groups = ghost_groups(int(bn["rows"]), rows)
+            self.model = convert_ghost_bn(self.model, groups, str(bn.get("running", "first")))
+        self._bn_applied = True
 
     def on_fit_start(self) -> None:
         self._place_data()

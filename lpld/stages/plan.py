@@ -124,9 +124,11 @@ def _student_plan(
     student = _model(student_model_cfg(exp), ds.num_classes, ds.channels, ds.image_size)
     s_params = _params(student)
     s_train, _ = activation_bytes_per_sample(student, ds.channels, ds.image_size)
-    opt = student_settings(exp, {"epochs": spec.epochs, "granularity": spec.granularity})["optimizer"].lower()
+    st = student_settings(exp, {"epochs": spec.epochs, "granularity": spec.granularity, "batch_size": spec.batch_size})
+    opt = st["optimizer"].lower()
     b = spec.batch_size
     per_rank_rows = -(-b // w)
+    bn = _student_bn(exp, st, b, w)
     # student: every rank replays the whole stored batch (CutMix pairs rows), trains on b / W rows of it
     student_gpu = (
         img_u8
@@ -143,8 +145,23 @@ def _student_plan(
         "gpu_bytes_per_rank": int(student_gpu),
         "student_params": s_params,
         "optimizer": opt,
+        **bn,
     }
     return entry, student_host
+
+
+def _student_bn(exp: Experiment, st: dict[str, Any], batch: int, w: int) -> dict[str, Any]:
+    """The rows each student BatchNorm layer normalises over at world size ``w`` (student.bn_rows / sync_bn), refused
+    as the student stage would refuse it."""
+    from lpld.config.precedence import node_get
+    from lpld.config.student import bn_groups_per_rank
+
+    accel = str(node_get(exp.trainer, "accelerator") or "cpu")
+    groups = bn_groups_per_rank(st, batch, int(st["accumulate"]), w, accel)
+    if st.get("sync_bn") and w > 1:
+        return {"bn_rows": batch // int(st["accumulate"]), "bn_groups_per_rank": 1, "bn": "sync over all ranks"}
+    rows = int(st.get("bn_rows") or -(-batch // (int(st["accumulate"]) * w)))
+    return {"bn_rows": rows, "bn_groups_per_rank": groups, "bn": "ghost" if st.get("bn_rows") else "per rank"}
 
 
 def _teacher_plans(exp: Experiment, ds: Any, act_b: int, runtime: float, w: int) -> dict[str, dict[str, Any]]:
@@ -267,7 +284,8 @@ def run(exp: Experiment) -> dict[str, Any]:
         f"({rl['batches_per_forward']} stored batches = {rl['rows_per_forward']} rows per forward)",
         f"  student  host per rank           {_gib(sd['host_bytes_per_rank'])}",
         f"  student  GPU per rank            {_gib(sd['gpu_bytes_per_rank'])}  "
-        f"(global batch {sd['global_batch']}, {sd['rows_per_rank']} rows per rank, {sd['optimizer']})",
+        f"(global batch {sd['global_batch']}, {sd['rows_per_rank']} rows per rank, {sd['optimizer']}; BatchNorm over "
+        f"{sd['bn_rows']} rows, {sd['bn']}, {sd['bn_groups_per_rank']} group(s) per rank)",
         f"  SLURM: hydra.launcher.mem_gb={p['slurm_mem_gb']} for {p['tasks_per_node']} tasks per node",
     ]
     print("\n".join(lines))

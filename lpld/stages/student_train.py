@@ -86,6 +86,13 @@ def build_module(inp: StudentInputs) -> Any:
         accumulate=int(st["accumulate"]),
         ema_decay=st["ema_decay"],
         teacher=inp.teacher,  # student.labels=online: labels each replayed batch (None: the store's labels)
+        # the student's BatchNorm grouping (student.bn_rows / sync_bn; lpld.core.ghost_bn), applied in setup
+        bn={
+            "rows": st.get("bn_rows", 0),
+            "running": st.get("bn_running", "first"),
+            "sync": st.get("sync_bn", False),
+            "batch": int(man["batch_size"]),
+        },
     )
     module.set_images(inp.images, inp.labels)
     module.set_image_source(DistilledImagesSource(str(inp.images_dir), inp.images_manifest.get("images_fingerprint")))

@@ -1,0 +1,196 @@
+"""Ghost (grouped) BatchNorm: the student's BatchNorm statistics over a fixed number of rows, whatever the world size.
+
+A BatchNorm layer in training normalises with the mean and variance of the rows it sees in one forward. Under
+``nn.DataParallel`` (the official ImageNet students: 4 replicas, ``train_FKD_label_pruning_batch.py``) each
+replica sees ``batch / 4`` rows; under DDP each rank sees ``batch / W``. So the BN statistics, and the student's
+accuracy, depend on how many devices ran it. :func:`convert_ghost_bn` fixes the group instead: in training, a
+forward of ``n`` rows is cut into ``groups`` contiguous pieces of ``ceil(n / groups)`` rows (the last may be
+shorter, as ``torch.chunk``, DataParallel's scatter and ``lpld.lit.student_module.rank_rows`` cut a batch) and
+each piece is normalised with its own batch statistics. One process with ``groups = G`` then computes the same
+outputs and gradients as ``G`` replicas / ranks with plain BatchNorm (DDP averages the ranks' gradients; the
+per-rank losses are weighted so their mean is the whole-batch loss).
+
+Running statistics (what evaluation uses). ``nn.DataParallel`` re-replicates the module every forward; only the
+replica on ``device_ids[0]`` shares its buffers with the wrapped module (``replicate`` broadcasts the buffers and
+the broadcast's source copy *is* the original tensor), so the running mean / variance / ``num_batches_tracked``
+written by replica 0 survive and the other replicas' updates are discarded (torch's DataParallel docs: "in-place
+updates to the parameters or buffers on device[0] will be recorded"). DDP with ``broadcast_buffers=True`` (its
+default, and Lightning's) does the same: rank 0's buffers overwrite every rank's before each forward. Hence the
+default rule ``running="first"``: the running statistics take one momentum update from the *first* group's
+statistics (biased mean, unbiased variance, exactly as a plain BatchNorm layer on that group), and
+``num_batches_tracked`` grows by one per forward. The alternative ``running="mean"`` averages what every group
+would have written: ``r <- (1 - m) r + m * mean_g(s_g)`` with s_g each group's mean / unbiased variance.
+
+Evaluation (``module.eval()``), or ``groups = 1``: the plain BatchNorm forward, unchanged. The converted layers
+keep the parameters, buffers and ``state_dict`` keys of the original ones (a checkpoint loads into a plain model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpld.core.errors import ConfigError
+
+RUNNING_RULES = ("first", "mean")  # whose statistics update the running buffers (module doc)
+
+
+class _GhostMixin:
+    """The grouped training forward, mixed into ``nn.BatchNorm{1,2,3}d`` (their input checks and eval forward)."""
+
+    groups: int = 1
+    running: str = "first"
+
+    def _momentum_factor(self) -> float:
+        """The running-update weight of this training forward, counting it in ``num_batches_tracked`` (as
+        ``nn.BatchNorm``: ``momentum``, or the cumulative 1 / count when momentum is None)."""
+        factor = 0.0 if self.momentum is None else float(self.momentum)
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, ...) -> (N, C, ...); training: each of the ``groups`` row pieces normalised on its own."""
+        if not self.training or self.groups <= 1:
+            return super().forward(x)  # type: ignore[misc]
+        self._check_input_dim(x)  # type: ignore[attr-defined]
+        size = -(-x.shape[0] // self.groups)
+        pieces = x.split(size)
+        tracked = self.track_running_stats and self.running_mean is not None
+        factor = self._momentum_factor() if tracked else 0.0
+        w, b, eps = self.weight, self.bias, self.eps
+        first = self.running == "first" and tracked
+        out = [
+            F.batch_norm(
+                p,
+                self.running_mean if first and i == 0 else None,  # the first group's update survives (module doc)
+                self.running_var if first and i == 0 else None,
+                w,
+                b,
+                True,
+                factor if first and i == 0 else 0.0,
+                eps,
+            )
+            for i, p in enumerate(pieces)
+        ]
+        if tracked and self.running == "mean":
+            self._mean_update(pieces, factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _mean_update(self, pieces: tuple[torch.Tensor, ...], factor: float) -> None:
+        """``running="mean"``: r <- (1 - m) r + m * mean over groups of (group mean | group unbiased variance)."""
+        dims = [0, *range(2, pieces[0].dim())]
+        means, vars_ = [], []
+        for p in pieces:  # in float32 at least (a bf16 / fp16 activation), float64 stays float64
+            v, m = torch.var_mean(p.to(torch.promote_types(p.dtype, torch.float32)), dim=dims, correction=1)
+            means.append(m)
+            vars_.append(v)
+        rm, rv = self.running_mean, self.running_var
+        rm.mul_(1.0 - factor).add_(torch.stack(means).mean(0).to(rm.dtype), alpha=factor)
+        rv.mul_(1.0 - factor).add_(torch.stack(vars_).mean(0).to(rv.dtype), alpha=factor)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, groups={self.groups}, running={self.running}"  # type: ignore[misc]
+
+
+class GhostBatchNorm1d(_GhostMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training forward normalises ``groups`` row pieces separately."""
+
+
+class GhostBatchNorm2d(_GhostMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training forward normalises ``groups`` row pieces separately."""
+
+
+class GhostBatchNorm3d(_GhostMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` whose training forward normalises ``groups`` row pieces separately."""
+
+
+_GHOST = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d, nn.BatchNorm3d: GhostBatchNorm3d}
+
+
+def ghost_groups(bn_rows: int, rows: int, key: str = "student.bn_rows") -> int:
+    """Groups per forward when each BatchNorm group holds ``bn_rows`` of the ``rows`` one forward has.
+
+    Raises:
+        ConfigError: ``bn_rows`` does not divide ``rows`` or exceeds them (the config layer refuses this before a
+            run, naming the world sizes that fit: ``lpld.config.student.bn_groups_per_rank``).
+    """
+    if bn_rows < 1 or rows < bn_rows or rows % bn_rows:
+        raise ConfigError(
+            f"{key}={bn_rows} does not divide the {rows} rows of one rank's forward at this world size; choose a "
+            f"world size whose per-rank rows {key} divides, or set {key}=0"
+        )
+    return rows // bn_rows
+
+
+def _plain_bn_layers(model: nn.Module, key: str) -> list[str]:
+    """Names of the BatchNorm layers of ``model`` (exact ``nn.BatchNorm{1,2,3}d``), refusing other BatchNorm kinds.
+
+    A subclass (timm's ``BatchNormAct2d`` fuses its activation into ``forward``) or a SyncBatchNorm would lose its
+    own forward in a conversion.
+    """
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if type(m) not in _GHOST:
+                raise ConfigError(
+                    f"{key} regroups plain BatchNorm layers, but the student's {name or 'model'} is a "
+                    f"{type(m).__name__}; use a student architecture with nn.BatchNorm layers or set {key} off"
+                )
+            names.append(name)
+    return names
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def convert_ghost_bn(model: nn.Module, groups: int, running: str = "first", key: str = "student.bn_rows") -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` by its ghost version with ``groups`` groups per training forward.
+
+    The new layers hold the *same* parameter and buffer tensors (an optimizer built before keeps working, the
+    ``state_dict`` is unchanged). ``groups = 1`` returns ``model`` untouched.
+
+    Args:
+        model: the student (converted in place; the return value matters only when ``model`` is itself a BN layer).
+        groups: row groups per training forward (rows per forward / BN rows per group).
+        running: whose statistics update the running buffers: ``first`` (DataParallel / DDP) | ``mean``.
+        key: the config key named in errors.
+
+    Raises:
+        ConfigError: an unknown ``running`` rule, ``groups < 1``, or a BatchNorm layer that is not plain.
+    """
+    if running not in RUNNING_RULES:
+        raise ConfigError(f"unknown {key.rsplit('.', 1)[0]}.bn_running={running!r}; valid: {', '.join(RUNNING_RULES)}")
+    if groups < 1:
+        raise ConfigError(f"{key} needs at least one group per forward, got {groups}")
+    names = _plain_bn_layers(model, key)
+    if groups == 1:
+        return model
+    for name in names:
+        old = model.get_submodule(name) if name else model
+        new = _GHOST[type(old)](
+            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, device="meta"
+        )
+        new.weight, new.bias = old.weight, old.bias
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, buf, getattr(old, buf))
+        new.groups, new.running = int(groups), str(running)
+        new.train(old.training)
+        model = _swap(model, name, new)
+    return model
+
+
+def convert_sync_bn(model: nn.Module, process_group: object = None, key: str = "student.sync_bn") -> nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` over the plain BatchNorm layers of ``model`` (statistics
+    over every rank's rows of the process group), refusing BatchNorm subclasses it would strip of their forward."""
+    _plain_bn_layers(model, key)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
