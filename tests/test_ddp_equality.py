@@ -9,9 +9,10 @@ the reference's inputs, so each comparison isolates one stage:
 * recover: the distilled images' bytes are identical (every class's synthesis is keyed by (seed, class), whatever
   rank or device batch makes it);
 * relabel: the label store's bytes and fingerprints are identical (rank 0 writes the manifest);
-* student: the trained weights and top-1 equal the one-process student's up to reduction order, for a student
-  without BatchNorm. A BatchNorm student normalises each rank's rows on their own, so it differs on purpose until
-  ``student.bn_rows`` (ghost BN) lands: its case is a strict xfail, which also shows the comparison can fail.
+* student: the trained weights and top-1 equal the one-process student's up to reduction order, for students
+  without BatchNorm and for a BatchNorm student with ``student.bn_rows`` (ghost BN: the same row groups at both world
+  sizes). With ``student.bn_rows=0`` each rank normalises its own rows, so that case differs on purpose: a strict
+  xfail, which also shows the comparison can fail. The teacher (squeeze) likewise, with ``stage.bn_rows``.
 
 One torchrun launch runs every stage's jobs (process start and imports cost seconds each). Class-wise statistics
 have their own 1-vs-2 test (tests/test_ddp_stats.py).
@@ -43,7 +44,9 @@ RECOVER = {
 # teachers and student architectures: (id, overrides, expected to equal the 1-process run)
 TEACHERS = (
     ("instance_norm", ["model.norm=instance"], True),
-    ("batch_norm", [], False),  # BN over each rank's 4 rows vs the 1-process 8 (as torchvision's DDP recipes)
+    # ghost BN (stage.bn_rows): groups of 4 rows, two per forward on one process, one per rank on two
+    ("batch_norm_bn_rows", ["model.tag=ghost", "dataset.recipe.squeeze.bn_rows=4"], True),
+    ("batch_norm", [], False),  # bn_rows 0: BN over each rank's 4 rows vs the 1-process 8 (torchvision's DDP recipes)
 )
 NO_NORM = ["student.arch=convnet_in", "+student.arch_knobs.width=8", "+student.arch_knobs.norm=none"]
 B3 = ["dataset.recipe.student.batch_size=3"]  # 8 images: stored batches of 3, 3 and 2 rows
@@ -56,7 +59,8 @@ STUDENTS = (
     ("no_norm_hald_mse_ema", [*NO_NORM, "student=hald", "student.loss=mse_gt", "student.ema_decay=0.5"], True),
     ("no_norm_gift", [*NO_NORM, "student=gift"], True),
     ("no_norm_confidence_10x", [*NO_NORM, "metric=confidence", "prune=10x"], True),  # a scored pool of the 1x store
-    ("batch_norm", [], False),  # until student.bn_rows: BN over each rank's 2 rows vs the 1-process 4 rows
+    ("batch_norm_bn_rows", ["student.bn_rows=2"], True),  # ghost BN: 2-row groups on one process and on two ranks
+    ("batch_norm", ["student.bn_rows=0"], False),  # each rank's forward: BN over 2 rows per rank vs the 1-process 4
 )
 RELABELS = (("relabel", []), ("relabel_b3", B3))  # (job name, overrides): the stores the students read
 # float32 weights after DDP's gradient average (a sum of two half-batch means, then / 2) vs one whole-batch mean.
@@ -207,7 +211,7 @@ def _cases(rows: tuple, why: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tid,equal", _cases(TEACHERS, "BN over per-rank rows; squeeze has no ghost BN"))
+@pytest.mark.parametrize("tid,equal", _cases(TEACHERS, "BN over per-rank rows (stage.bn_rows=0)"))
 def test_squeeze_trains_the_one_process_teacher(runs, tid, equal):
     from lpld.artifacts import teacher as teacher_artifact
 
@@ -293,7 +297,8 @@ def _outputs(state: dict[str, torch.Tensor], sid: str) -> torch.Tensor:
     """The logits of the student ``state`` (its architecture from STUDENTS) on 64 fixed random inputs."""
     from lpld.models import build_model
 
-    knobs = {"norm": "batch"} if sid == "batch_norm" else {"norm": "instance" if sid == "instance_norm" else "none"}
+    norm = "batch" if sid.startswith("batch_norm") else "instance" if sid == "instance_norm" else "none"
+    knobs = {"norm": norm}
     model = build_model({"name": "convnet", "width": 8, **knobs}, num_classes=4, in_chans=3, img_size=8)
     model.load_state_dict(state)
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -302,7 +307,7 @@ def _outputs(state: dict[str, torch.Tensor], sid: str) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sid,equal", _cases(STUDENTS, "BN over per-rank rows until student.bn_rows (ghost BN)"))
+@pytest.mark.parametrize("sid,equal", _cases(STUDENTS, "BN over per-rank rows (student.bn_rows=0)"))
 def test_student_trains_the_one_process_student(runs, sid, equal):
     _, one, two = runs
     (ra, wa, ta), (rb, wb, tb) = _student(one["student"], sid), _student(two["student"], sid)

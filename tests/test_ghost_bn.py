@@ -316,3 +316,28 @@ def test_plan_reports_the_student_batchnorm_rows_per_world_size():
         compose_cfg(["stage=plan", "dataset=in1k", "student.bn_rows=0"]), {**MAN, "batch_size": 128}
     )
     assert _student_bn(cfg, plain, 128, 8) == {"bn_rows": 16, "bn_groups_per_rank": 1, "bn": "per rank"}
+
+
+def test_squeeze_bn_rows_groups_the_teacher_and_keeps_old_fingerprints():
+    """stage.bn_rows (squeeze): absent from the settings when 0 (teachers trained before keep their fingerprints),
+    refused when negative or when it does not tile a rank's rows, and the teacher's BN layers become ghost BN with
+    batch / (world x bn_rows) groups."""
+    from conftest import compose_cfg
+
+    from lpld.config import squeeze_settings
+    from lpld.core.ghost_bn import GhostBatchNorm2d
+    from lpld.errors import ConfigError
+    from lpld.lit.classifier import ClassifierModule
+
+    assert "bn_rows" not in squeeze_settings(compose_cfg(["stage=squeeze"]))
+    st = squeeze_settings(compose_cfg(["stage=squeeze", "stage.bn_rows=4", "stage.batch_size=8"]))
+    assert st["bn_rows"] == 4
+    with pytest.raises(ConfigError, match="stage.bn_rows=-1"):
+        squeeze_settings(compose_cfg(["stage=squeeze", "stage.bn_rows=-1"]))
+    m = ClassifierModule({"name": "convnet", "width": 8, "depth": 2}, 4, 1, 8, optim=st)
+    m.setup("fit")  # no trainer: world size 1, so 8 rows per forward in 2 groups of 4
+    bns = [x for x in m.model.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(x, GhostBatchNorm2d) and x.groups == 2 for x in bns)
+    bad = ClassifierModule({"name": "convnet", "width": 8, "depth": 2}, 4, 1, 8, optim={**st, "bn_rows": 3})
+    with pytest.raises(ConfigError, match="stage.bn_rows=3"):
+        bad.setup("fit")

@@ -223,6 +223,10 @@ class SqueezeStage:
     momentum: float | None = recipe_knob(0.9)
     warmup_epochs: float | None = recipe_knob(0)
     label_smoothing: float | None = recipe_knob(0.0)
+    # BatchNorm rows per group of the teacher's training forward (ghost BN, lpld.core.ghost_bn; issue 20): the same
+    # groups at any world size, e.g. 1 GPU with bn_rows=B/8 trains the 8-GPU teacher. 0 = each rank's whole forward
+    # (the torchvision / timm DDP recipes; the rows then depend on the world size)
+    bn_rows: int | None = recipe_knob(0, "BatchNorm rows per group; 0 = a rank's forward (recipe squeeze.bn_rows)")
     val_every: int = 1  # epochs between validations
     overwrite: bool = False  # retrain even if a finished teacher exists
 

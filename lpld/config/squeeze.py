@@ -7,6 +7,7 @@ from typing import Any
 from lpld.config.frozen import memoized
 from lpld.config.precedence import Knobs, node_get, section_recipe
 from lpld.config.schema import SqueezeStage
+from lpld.errors import ConfigError
 
 
 @memoized("squeeze")
@@ -24,4 +25,13 @@ def squeeze_settings(cfg: Any) -> dict[str, Any]:
         "momentum": float(k.get("momentum")),
         "warmup_epochs": float(k.get("warmup_epochs")),
         "label_smoothing": float(k.get("label_smoothing")),
+        # only when set: teachers trained without ghost BN keep their fingerprints
+        **({"bn_rows": _bn_rows(k.get("bn_rows"))} if k.get("bn_rows") else {}),
     }
+
+
+def _bn_rows(value: Any) -> int:
+    rows = int(value)
+    if rows < 0:
+        raise ConfigError(f"stage.bn_rows={rows} must be >= 1 (BatchNorm rows per group) or 0 (each rank's forward)")
+    return rows

@@ -46,6 +46,20 @@ class ClassifierModule(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=k5, average="micro")
         self.last_val: dict[str, float] = {}
 
+    def setup(self, stage: str) -> None:
+        """Ghost BN (``optim["bn_rows"]``, squeeze's ``stage.bn_rows``): each rank's forward of batch / W rows is
+        normalised in groups of bn_rows rows, so the teacher's BatchNorm sees the same rows at any world size W."""
+        rows = int(self.hparams.optim.get("bn_rows") or 0)
+        if not rows or getattr(self, "_bn_applied", False):
+            return
+        from lpld.core.ghost_bn import convert_ghost_bn, ghost_groups
+
+        world = int(self.trainer.world_size) if self._trainer is not None else 1
+        per_rank = int(self.hparams.optim["batch_size"]) // world
+        groups = ghost_groups(rows, per_rank, "stage.bn_rows")
+        self.model = convert_ghost_bn(self.model, groups, "first", "stage.bn_rows")
+        self._bn_applied = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 

@@ -190,6 +190,10 @@ def run(exp: Experiment) -> dict[str, Any]:
         per_rank = dist.per_rank_batch(st["batch_size"], dist.planned_world_size(exp), "stage.batch_size")
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if st.get("bn_rows"):  # ghost BN: the groups must tile each rank's rows (refused now, not after the data loads)
+        from lpld.core.ghost_bn import ghost_groups
+
+        ghost_groups(int(st["bn_rows"]), per_rank, "stage.bn_rows")
     reused = _reuse_or_prepare(exp, cfg_fp)
     if reused is not None:
         log.info("teacher exists at %s (val %s); reusing it (stage.overwrite=true retrains)", weights, reused)
