@@ -21,6 +21,13 @@ statistics (biased mean, unbiased variance, exactly as a plain BatchNorm layer o
 ``num_batches_tracked`` grows by one per forward. The alternative ``running="mean"`` averages what every group
 would have written: ``r <- (1 - m) r + m * mean_g(s_g)`` with s_g each group's mean / unbiased variance.
 
+Groups larger than one rank's rows (in1k's 32 rows on 8 devices of 16): :func:`convert_cross_rank_bn` makes each
+group span ``bn_rows / rows`` consecutive ranks (consecutive rows of the stored batch), whose per-channel sums and
+centred squares are all-reduced with ``torch.distributed.nn.functional.all_reduce`` (autograd-aware: the backward
+all-reduces the gradients of the statistics, so each rank's input gradient is the one-process group's). Plain
+PyTorch collectives, so it runs under gloo (CPU tests) and NCCL alike; each group's running statistics take that
+group's update and DDP's broadcast keeps rank 0's, the first group's, as above.
+
 Evaluation (``module.eval()``), or ``groups = 1``: the plain BatchNorm forward, unchanged. The converted layers
 keep the parameters, buffers and ``state_dict`` keys of the original ones (a checkpoint loads into a plain model).
 """
@@ -116,8 +123,8 @@ def ghost_groups(bn_rows: int, rows: int, key: str = "student.bn_rows") -> int:
     """Groups per forward when each BatchNorm group holds ``bn_rows`` of the ``rows`` one forward has.
 
     Raises:
-        ConfigError: ``bn_rows`` does not divide ``rows`` or exceeds them (the config layer refuses this before a
-            run, naming the world sizes that fit: ``lpld.config.student.bn_groups_per_rank``).
+        ConfigError: ``bn_rows`` does not divide ``rows`` or exceeds them (the config layer refuses a world size that
+            fits neither this nor :func:`ranks_per_group` before a run: ``lpld.config.student.bn_layout``).
     """
     if bn_rows < 1 or rows < bn_rows or rows % bn_rows:
         raise ConfigError(
