@@ -55,14 +55,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-rows, steps, out, span = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rows, steps, out, span, running = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = net().train()
 if span > 1:  # BatchNorm groups over `span` consecutive ranks (lpld's cross-rank groups)
     from lpld.core.ghost_bn import convert_cross_rank_bn
 
-    model = convert_cross_rank_bn(model, span)
+    model = convert_cross_rank_bn(model, span, running)
 model = DDP(model)  # broadcast_buffers=True: rank 0's BN buffers before every forward
 opt = torch.optim.SGD(model.parameters(), lr=0.5)
 for step in range(steps):
@@ -84,12 +84,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _train_one_process(groups: int, n: int) -> dict:
+def _train_one_process(groups: int, n: int, running: str = "first") -> dict:
     from lpld.core.ghost_bn import convert_ghost_bn
 
     ns: dict = {}
     exec(NET, ns)  # the same network and batches as the workers
-    model = convert_ghost_bn(ns["net"]().train(), groups)
+    model = convert_ghost_bn(ns["net"]().train(), groups, running)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(STEPS):
         x, y = ns["batch"](step, n)
@@ -99,24 +99,26 @@ def _train_one_process(groups: int, n: int) -> dict:
     return model.state_dict()
 
 
-def _torchrun(tmp_path, nproc: int, rows: int, span: int) -> dict:
+def _torchrun(tmp_path, nproc: int, rows: int, span: int, running: str = "first") -> dict:
     """rank 0's state_dict after STEPS DDP steps of ``nproc`` gloo ranks holding ``rows`` rows each."""
     worker, out = tmp_path / "worker.py", tmp_path / f"rank0_{nproc}_{span}.pt"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's lpld
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
-    cmd += [str(worker), str(rows), str(STEPS), str(out), str(span)]
+    cmd += [str(worker), str(rows), str(STEPS), str(out), str(span), running]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return torch.load(out, weights_only=True)
 
 
-def test_torchrun_four_ranks_with_two_rank_groups_equal_one_ghost_bn_process(tmp_path):
+@pytest.mark.parametrize("running", ["first", "mean"])
+def test_torchrun_four_ranks_with_two_rank_groups_equal_one_ghost_bn_process(tmp_path, running):
     """bn_rows = 4 on 4 ranks of 2 rows (in1k's 32 rows on 8 devices, scaled down): each BatchNorm group spans 2
-    consecutive ranks; one process with groups of 4 of its 8 rows computes the same steps and running statistics."""
-    ddp = _torchrun(tmp_path, nproc=4, rows=2, span=2)
-    ghost = _train_one_process(groups=2, n=8)
+    consecutive ranks; one process with groups of 4 of its 8 rows computes the same steps and running statistics
+    (either running rule)."""
+    ddp = _torchrun(tmp_path, nproc=4, rows=2, span=2, running=running)
+    ghost = _train_one_process(groups=2, n=8, running=running)
     for k in ddp:
         torch.testing.assert_close(ghost[k], ddp[k], rtol=1e-9, atol=1e-10, msg=k)
     per_rank = _train_one_process(groups=4, n=8)  # BatchNorm over each rank's 2 rows: another experiment
