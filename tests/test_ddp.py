@@ -106,7 +106,7 @@ def test_plan_stage_in1k_ipc200_and_in21k_ipc20_offline(tmp_path, capsys):
 
     cfg = compose_cfg(
         [f"paths.root={tmp_path}", "logger=none", "stage=plan", "dataset=in1k", "ipc=200", "model=resnet18"]
-        + ["trainer=ddp", "trainer.devices=8", "student.bn_rows=0"]  # 16 rows per rank: the official 32 cannot run
+        + ["trainer=ddp", "trainer.devices=8"]
     )
     p = plan.run(cfg)
     assert p["world_size"] == 8
@@ -199,8 +199,7 @@ def test_plan_covers_squeeze_stats_and_recover(tmp_path):
     from lpld.artifacts import stats as stats_artifact
     from lpld.stages import plan, run_stage
 
-    no_ghost = "student.bn_rows=0"  # in1k's BatchNorm groups of 32 rows fit neither 8 nor 3 ranks
-    p = plan.plan(compose_cfg([f"paths.root={tmp_path}", "dataset=in1k", "ipc=50", "stage=plan", no_ghost]), world=8)
+    p = plan.plan(compose_cfg([f"paths.root={tmp_path}", "dataset=in1k", "ipc=50", "stage=plan"]), world=8)
     assert p["squeeze"]["global_batch"] == 256 and p["squeeze"]["rows_per_rank"] == 32
     assert p["stats"]["rows_per_rank"] == 32
     # ResNet-18: 4800 BatchNorm channels; mean + variance (stored float32) for each of 1000 classes
@@ -208,9 +207,9 @@ def test_plan_covers_squeeze_stats_and_recover(tmp_path):
     # recover=lpld at ipc 50: auto classes_per_batch = 256 // 50 = 5 -> 200 device batches of 250 images
     assert (p["recover"]["device_batches"], p["recover"]["largest_device_batch_images"]) == (200, 250)
     assert (
-        plan.plan(compose_cfg([f"paths.root={tmp_path}", "dataset=in1k", "stage=plan", no_ghost]), world=3)["squeeze"][
-            "rows_per_rank"
-        ]
+        plan.plan(compose_cfg([f"paths.root={tmp_path}", "dataset=in1k", "stage=plan", "student.bn_rows=0"]), world=3)[
+            "squeeze"
+        ]["rows_per_rank"]
         == 86
     )  # ceil(256 / 3)
     # the statistics file of a real (tiny) stats run holds exactly the planned bytes of tensors

@@ -236,17 +236,21 @@ def test_recipe_defaults_and_switches():
     assert _st("dataset=in1k", "student.bn_rows=16", "student.bn_running=mean")["bn_running"] == "mean"
     sync = _st("dataset=in1k", "student.sync_bn=true")  # replaces the recipe's per-replica groups
     assert sync["sync_bn"] is True and "bn_rows" not in sync
-    # in1k on 4 devices: 32 rows per rank = one group (the official replica), accepted
+    # in1k on 4 devices: 32 rows per rank = one group (the official replica); on 8: one group over 2 ranks
     assert _st("dataset=in1k", "trainer=ddp", "trainer.devices=4")["bn_rows"] == 32
+    assert _st("dataset=in1k", "trainer=ddp", "trainer.devices=8")["bn_rows"] == 32
 
 
 @pytest.mark.parametrize(
     "ov,match",
     [
-        (["dataset=in1k", "trainer=ddp", "trainer.devices=8"], r"bn_rows=32 .*exceeds the 16 rows.*\[1, 2, 4\]"),
-        (["dataset=in1k", "student.bn_rows=48"], r"bn_rows=48 .*does not divide the 128 rows"),
-        (["dataset=in1k", "student.accumulate=8"], r"bn_rows=32 .*exceeds the 16 rows"),
-        (["dataset=in21k", "trainer=ddp", "trainer.devices=3"], r"bn_rows=8 .*does not divide"),
+        (
+            ["dataset=in1k", "trainer=ddp", "trainer.devices=3"],
+            r"bn_rows=32 .*42.6667 rows .*\[1, 2, 4, 8, 16, 32, 64, 128\]",
+        ),
+        (["dataset=in1k", "student.bn_rows=48"], r"bn_rows=48 .*the 128 rows .*do not tile"),
+        (["dataset=in1k", "student.accumulate=8"], r"bn_rows=32 .*the 16 rows .*world size 1"),  # a group of 2 ranks
+        (["dataset=in1k", "trainer=ddp", "trainer.devices=16", "student.bn_rows=24"], r"bn_rows=24 .*8 rows"),
         (["dataset=in1k", "student.bn_rows=16", "student.sync_bn=true"], r"sync_bn=true .*bn_rows=16"),
         (["dataset=in1k", "trainer=ddp_cpu", "trainer.devices=2", "student.sync_bn=true"], r"sync_bn=true needs GPUs"),
         (["dataset=in1k", "student.bn_running=last"], r"unknown student.bn_running"),
@@ -297,8 +301,10 @@ def test_student_module_regroups_its_batchnorm(monkeypatch):
         x.groups == 2 and x.running == "mean"
         for x in module("student.bn_rows=4", "student.bn_running=mean", "student.accumulate=2")
     )
-    with pytest.raises(ConfigError, match="student.bn_rows=4"):
-        module("student.bn_rows=4", world=8)  # 2 rows per rank: the module refuses too
+    with pytest.raises(ConfigError, match="student.bn_rows=3"):
+        module("student.bn_rows=3", world=2)  # 8 rows per rank: the module refuses too
+    with pytest.raises(ConfigError, match="student.bn_rows=6"):
+        module("student.bn_rows=6", world=4)  # 4 rows per rank: 6 is not a whole number of ranks
 
 
 def test_plan_reports_the_student_batchnorm_rows_per_world_size():
@@ -310,8 +316,9 @@ def test_plan_reports_the_student_batchnorm_rows_per_world_size():
     st = student_settings(cfg, {**MAN, "batch_size": 128})
     assert _student_bn(cfg, st, 128, 1) == {"bn_rows": 32, "bn_groups_per_rank": 4, "bn": "ghost"}
     assert _student_bn(cfg, st, 128, 4) == {"bn_rows": 32, "bn_groups_per_rank": 1, "bn": "ghost"}
-    with pytest.raises(ConfigError, match=r"bn_rows=32 .*exceeds the 16 rows"):
-        _student_bn(cfg, st, 128, 8)
+    assert _student_bn(cfg, st, 128, 8) == {"bn_rows": 32, "bn_groups_per_rank": 1, "bn": "one group over 2 ranks"}
+    with pytest.raises(ConfigError, match=r"bn_rows=32 .*do not tile"):
+        _student_bn(cfg, st, 128, 3)
     plain = student_settings(
         compose_cfg(["stage=plan", "dataset=in1k", "student.bn_rows=0"]), {**MAN, "batch_size": 128}
     )

@@ -166,7 +166,8 @@ class StudentConf:
     hard_epochs: int | None = None  # hald: hard epochs H of the E (null = E // 2, HALD's imagenet1k script 150 of 300)
     hard_smoothing: float = 0.8  # hald: label smoothing of the hard phase (HALD --label-smoothing 0.8)
     # BatchNorm rows of the student's training forward (issue 20; lpld.core.ghost_bn): each group of bn_rows rows is
-    # normalised on its own, at any world size (ghost BN). The official ImageNet students ran under 4-GPU DataParallel:
+    # normalised on its own at any world size (ghost BN; a group spans ranks when one rank has fewer rows). The official
+    # ImageNet students ran under 4-GPU DataParallel:
     # in1k 128 / 4 = 32, in21k 32 / 4 = 8; Tiny one GPU: 64 (recipe student.bn_rows). 0 = each rank's whole forward
     # (lpld before issue 20; the rows then depend on the world size); null = the recipe's, else 0
     bn_rows: int | None = recipe_knob(None, "BatchNorm rows per group; 0 = a rank's forward (recipe student.bn_rows)")

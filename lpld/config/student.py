@@ -97,7 +97,7 @@ def bn_settings(cfg: Any, k: Knobs, man: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         ConfigError: a negative ``bn_rows``, an unknown ``bn_running``, ``sync_bn`` with an explicit ``bn_rows``, or a
-            grouping this world size cannot run (:func:`bn_groups_per_rank`).
+            grouping this world size cannot run (:func:`bn_layout`).
     """
     from lpld.core.ghost_bn import RUNNING_RULES
 
@@ -126,13 +126,17 @@ def bn_settings(cfg: Any, k: Knobs, man: dict[str, Any]) -> dict[str, Any]:
     if batch is not None:
         trainer = cfg.get("trainer")
         accel = str(node_get(trainer, "accelerator") or "cpu")
-        bn_groups_per_rank(out, int(batch), int(k.get("accumulate")), planned_world_size(cfg), accel)
+        bn_layout(out, int(batch), int(k.get("accumulate")), planned_world_size(cfg), accel)
     return out
 
 
-def bn_groups_per_rank(bn: dict[str, Any], batch: int, accumulate: int, world: int, accelerator: str = "gpu") -> int:
-    """BatchNorm groups in one rank's training forward: ``rows / bn_rows`` with ``rows = batch / (accumulate x world)``
-    (``lpld.lit.student_module.rank_rows``), or 1 without ghost BN.
+def bn_layout(bn: dict[str, Any], batch: int, accumulate: int, world: int, accelerator: str = "gpu") -> tuple[int, int]:
+    """Where the student's BatchNorm groups lie: (groups in one rank's forward, ranks one group spans).
+
+    One rank's forward holds ``rows = batch / (accumulate x world)`` rows (``lpld.lit.student_module.rank_rows``).
+    ``bn_rows`` dividing ``rows`` gives ``(rows / bn_rows, 1)`` (ghost BN on each rank); ``rows`` dividing
+    ``bn_rows`` gives ``(1, bn_rows / rows)`` when that many consecutive ranks tile the world (a group all-reduced
+    over them, ``lpld.core.ghost_bn.convert_cross_rank_bn``); without ``bn_rows``, ``(1, 1)``.
 
     Args:
         bn: :func:`bn_settings`' output (``bn_rows`` / ``sync_bn`` keys when set).
@@ -142,8 +146,8 @@ def bn_groups_per_rank(bn: dict[str, Any], batch: int, accumulate: int, world: i
         accelerator: the trainer's (SyncBatchNorm runs on GPUs only).
 
     Raises:
-        ConfigError: ``bn_rows`` does not divide the rows of one rank's forward, or exceeds them (a group would
-            span ranks), naming the fixes; ``sync_bn`` on several CPU processes.
+        ConfigError: ``bn_rows`` and one rank's rows do not tile each other (naming the world sizes that fit);
+            ``sync_bn`` on several CPU processes.
     """
     if bn.get("sync_bn") and world > 1 and accelerator == "cpu":
         raise ConfigError(
@@ -152,22 +156,28 @@ def bn_groups_per_rank(bn: dict[str, Any], batch: int, accumulate: int, world: i
         )
     rows = int(bn.get("bn_rows") or 0)
     if not rows:
-        return 1
-    per = batch // (accumulate * world)
-    if batch % (accumulate * world) == 0 and per >= rows and per % rows == 0:
-        return per // rows
-    fits = [w for w in range(1, batch + 1) if batch % (accumulate * w) == 0 and (batch // (accumulate * w)) % rows == 0]
-    why = (
-        f"exceeds the {per} rows of one rank's forward (a group would span ranks)"
-        if batch % (accumulate * world) == 0 and per < rows
-        else f"does not divide the {batch / (accumulate * world):g} rows of one rank's forward"
-    )
-    fixes = [f"trainer.devices (x trainer.num_nodes) in {fits}"] if fits else []
-    fixes += [f"a student.bn_rows that divides {per}"] if per > 1 and per < rows or per % rows else []
-    fixes += ["student.sync_bn=true (BatchNorm over all ranks' rows)", f"student.bn_rows=0 (each rank's {per} rows)"]
+        return 1, 1
+
+    def layout(w: int) -> tuple[int, int] | None:
+        if batch % (accumulate * w):
+            return None
+        per = batch // (accumulate * w)
+        if per >= rows and per % rows == 0:
+            return per // rows, 1
+        if 0 < per < rows and rows % per == 0 and w % (rows // per) == 0:
+            return 1, rows // per
+        return None
+
+    got = layout(world)
+    if got is not None:
+        return got
+    fits = [w for w in range(1, batch + 1) if layout(w) is not None]
+    per = batch / (accumulate * world)
     raise ConfigError(
-        f"student.bn_rows={rows} (BatchNorm rows per group) {why}: batch {batch} / (accumulate {accumulate} x world "
-        f"size {world}). Use {', or '.join(fixes)}"
+        f"student.bn_rows={rows} (BatchNorm rows per group) and the {per:g} rows of one rank's forward (batch {batch} "
+        f"/ (accumulate {accumulate} x world size {world})) do not tile each other. Use trainer.devices (x "
+        f"trainer.num_nodes) in {fits}, or student.sync_bn=true (BatchNorm over all ranks' rows), or student.bn_rows=0 "
+        "(each rank's rows)"
     )
 
 

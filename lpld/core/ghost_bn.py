@@ -21,6 +21,13 @@ statistics (biased mean, unbiased variance, exactly as a plain BatchNorm layer o
 ``num_batches_tracked`` grows by one per forward. The alternative ``running="mean"`` averages what every group
 would have written: ``r <- (1 - m) r + m * mean_g(s_g)`` with s_g each group's mean / unbiased variance.
 
+Groups larger than one rank's rows (in1k's 32 rows on 8 devices of 16): :func:`convert_cross_rank_bn` makes each
+group span ``bn_rows / rows`` consecutive ranks (consecutive rows of the stored batch), whose per-channel sums and
+centred squares are all-reduced with ``torch.distributed.nn.functional.all_reduce`` (autograd-aware: the backward
+all-reduces the gradients of the statistics, so each rank's input gradient is the one-process group's). Plain
+PyTorch collectives, so it runs under gloo (CPU tests) and NCCL alike; each group's running statistics take that
+group's update and DDP's broadcast keeps rank 0's, the first group's, as above.
+
 Evaluation (``module.eval()``), or ``groups = 1``: the plain BatchNorm forward, unchanged. The converted layers
 keep the parameters, buffers and ``state_dict`` keys of the original ones (a checkpoint loads into a plain model).
 """
@@ -116,8 +123,8 @@ def ghost_groups(bn_rows: int, rows: int, key: str = "student.bn_rows") -> int:
     """Groups per forward when each BatchNorm group holds ``bn_rows`` of the ``rows`` one forward has.
 
     Raises:
-        ConfigError: ``bn_rows`` does not divide ``rows`` or exceeds them (the config layer refuses this before a
-            run, naming the world sizes that fit: ``lpld.config.student.bn_groups_per_rank``).
+        ConfigError: ``bn_rows`` does not divide ``rows`` or exceeds them (the config layer refuses a world size that
+            fits neither this nor :func:`ranks_per_group` before a run: ``lpld.config.student.bn_layout``).
     """
     if bn_rows < 1 or rows < bn_rows or rows % bn_rows:
         raise ConfigError(
@@ -184,6 +191,115 @@ def convert_ghost_bn(model: nn.Module, groups: int, running: str = "first", key:
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(new, buf, getattr(old, buf))
         new.groups, new.running = int(groups), str(running)
+        new.train(old.training)
+        model = _swap(model, name, new)
+    return model
+
+
+class _CrossRankMixin(_GhostMixin):
+    """A BatchNorm group spanning the ranks of ``process_group`` (each holding its rows of the group): statistics
+    all-reduced over the group with autograd-aware collectives, so the gradient is the one-process group's."""
+
+    process_group: object = None
+    world_group: object = None  # running="mean": the groups' statistics are averaged over every rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, ...) this rank's rows of one group -> normalised with the whole group's batch statistics."""
+        if not self.training:
+            return nn.modules.batchnorm._BatchNorm.forward(self, x)  # type: ignore[arg-type]
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)  # type: ignore[attr-defined]
+        dims = [0, *range(2, x.dim())]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=xf.dtype, device=x.device)
+        # two passes (mean, then the centred squares) as F.batch_norm: no E[x^2] - E[x]^2 cancellation
+        tot = all_reduce(torch.cat([xf.sum(dims), count]), group=self.process_group)
+        n = tot[-1]
+        mean = tot[:-1] / n
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims), group=self.process_group) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            self._running_update(mean.detach(), var.detach() * n.detach() / (n.detach() - 1))
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _running_update(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+        factor = self._momentum_factor()
+        if self.running == "mean" and self.world_group is not None:
+            import torch.distributed as dist
+
+            both = torch.stack([mean, var_unbiased])  # every rank of a group holds its group's values: the mean over
+            dist.all_reduce(both, group=self.world_group)  # all ranks is the mean over the (equal-sized) groups
+            mean, var_unbiased = both / dist.get_world_size(self.world_group)
+        rm, rv = self.running_mean, self.running_var
+        rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+        rv.mul_(1.0 - factor).add_(var_unbiased.to(rv.dtype), alpha=factor)
+
+
+class CrossRankBatchNorm1d(_CrossRankMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` normalising one group spread over the ranks of ``process_group``."""
+
+
+class CrossRankBatchNorm2d(_CrossRankMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` normalising one group spread over the ranks of ``process_group``."""
+
+
+class CrossRankBatchNorm3d(_CrossRankMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` normalising one group spread over the ranks of ``process_group``."""
+
+
+_CROSS = {
+    nn.BatchNorm1d: CrossRankBatchNorm1d,
+    nn.BatchNorm2d: CrossRankBatchNorm2d,
+    nn.BatchNorm3d: CrossRankBatchNorm3d,
+}
+
+
+def ranks_per_group(bn_rows: int, rows: int, world: int, key: str = "student.bn_rows") -> int:
+    """Ranks one BatchNorm group spans when ``bn_rows`` exceeds the ``rows`` of one rank's forward.
+
+    Raises:
+        ConfigError: ``rows`` does not divide ``bn_rows``, or the span does not divide ``world``.
+    """
+    span = bn_rows // rows if rows > 0 else 0
+    if rows < 1 or bn_rows % rows or span < 1 or world % span:
+        raise ConfigError(
+            f"{key}={bn_rows} is not a whole number of ranks' rows ({rows} per rank, world size {world}); choose a "
+            f"world size whose per-rank rows divide {key}, or set {key}=0"
+        )
+    return span
+
+
+def convert_cross_rank_bn(
+    model: nn.Module, span: int, running: str = "first", key: str = "student.bn_rows"
+) -> nn.Module:
+    """Replace every BatchNorm layer of ``model`` by a group spanning ``span`` consecutive ranks (ranks 0..span-1,
+    span..2 span-1, ...: the contiguous rows ``rank_rows`` gives them), for a ``bn_rows`` larger than one rank's rows.
+
+    Needs an initialised default process group (called on every rank: the subgroups are created collectively).
+    Running statistics: ``first`` = each group's own update (DDP's buffer broadcast keeps rank 0's, the first
+    group's); ``mean`` = the mean of the groups' updates (one more all-reduce over every rank).
+    """
+    import torch.distributed as dist
+
+    if running not in RUNNING_RULES:
+        raise ConfigError(f"unknown {key.rsplit('.', 1)[0]}.bn_running={running!r}; valid: {', '.join(RUNNING_RULES)}")
+    names = _plain_bn_layers(model, key)
+    group, _ = dist.new_subgroups(group_size=int(span))
+    for name in names:
+        old = model.get_submodule(name) if name else model
+        new = _CROSS[type(old)](
+            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, device="meta"
+        )
+        new.weight, new.bias = old.weight, old.bias
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, buf, getattr(old, buf))
+        new.running, new.process_group, new.world_group = str(running), group, dist.group.WORLD
         new.train(old.training)
         model = _swap(model, name, new)
     return model

@@ -321,15 +321,18 @@ class StudentModule(ReloadableImages, L.LightningModule):
         bn = dict(self.hparams.get("bn") or {})
         if not bn or getattr(self, "_bn_applied", False):
             return
-        from lpld.core.ghost_bn import convert_ghost_bn, convert_sync_bn, ghost_groups
+        from lpld.core import ghost_bn
 
         world = int(self.trainer.world_size) if self._trainer is not None else 1
+        group_rows, running = int(bn.get("rows") or 0), str(bn.get("running", "first"))
+        rows = int(bn.get("batch") or 0) // (int(self.hparams.accumulate) * world)  # one rank's forward (rank_rows)
         if bool(bn.get("sync")) and world > 1:
-            self.model = convert_sync_bn(self.model)
-        elif int(bn.get("rows") or 0):
-            rows = int(bn["batch"]) // (int(self.hparams.accumulate) * world)  # one rank's forward (rank_rows)
-            groups = ghost_groups(int(bn["rows"]), rows)
-            self.model = convert_ghost_bn(self.model, groups, str(bn.get("running", "first")))
+            self.model = ghost_bn.convert_sync_bn(self.model)
+        elif group_rows and rows < group_rows:  # a group over consecutive ranks (in1k's 32 rows on 8 devices)
+            span = ghost_bn.ranks_per_group(group_rows, rows, world)
+            self.model = ghost_bn.convert_cross_rank_bn(self.model, span, running)
+        elif group_rows:
+            self.model = ghost_bn.convert_ghost_bn(self.model, ghost_bn.ghost_groups(group_rows, rows), running)
         self._bn_applied = True
 
     def on_fit_start(self) -> None:

@@ -154,14 +154,15 @@ def _student_bn(exp: Experiment, st: dict[str, Any], batch: int, w: int) -> dict
     """The rows each student BatchNorm layer normalises over at world size ``w`` (student.bn_rows / sync_bn), refused
     as the student stage would refuse it."""
     from lpld.config.precedence import node_get
-    from lpld.config.student import bn_groups_per_rank
+    from lpld.config.student import bn_layout
 
     accel = str(node_get(exp.trainer, "accelerator") or "cpu")
-    groups = bn_groups_per_rank(st, batch, int(st["accumulate"]), w, accel)
+    groups, span = bn_layout(st, batch, int(st["accumulate"]), w, accel)
     if st.get("sync_bn") and w > 1:
         return {"bn_rows": batch // int(st["accumulate"]), "bn_groups_per_rank": 1, "bn": "sync over all ranks"}
     rows = int(st.get("bn_rows") or -(-batch // (int(st["accumulate"]) * w)))
-    return {"bn_rows": rows, "bn_groups_per_rank": groups, "bn": "ghost" if st.get("bn_rows") else "per rank"}
+    kind = "per rank" if not st.get("bn_rows") else "ghost" if span == 1 else f"one group over {span} ranks"
+    return {"bn_rows": rows, "bn_groups_per_rank": groups, "bn": kind}
 
 
 def _teacher_plans(exp: Experiment, ds: Any, act_b: int, runtime: float, w: int) -> dict[str, dict[str, Any]]:
