@@ -274,9 +274,9 @@ def test_student_module_regroups_its_batchnorm(monkeypatch):
         cfg = compose_cfg(["stage=student", "dataset=cifar10_jpg", "model=convnet", "model.width=8", *ov])
         from lpld.config import student_settings
 
-        st = student_settings(cfg, MAN)
-        spec = dataset_spec(cfg)
         man = {**MAN, "batch_size": 16, "batches_per_epoch": 2}
+        st = student_settings(cfg, man)  # the store's batch (16), not the preset's
+        spec = dataset_spec(cfg)
         inp = SimpleNamespace(
             settings=st,
             manifest=man,
@@ -286,6 +286,8 @@ def test_student_module_regroups_its_batchnorm(monkeypatch):
             teacher=None,
             images=torch.zeros(2, 3, spec.image_size, spec.image_size, dtype=torch.uint8),
             labels=torch.zeros(2, dtype=torch.long),
+            images_dir="images",  # where ddp_spawn ranks would reload them (lpld.lit.spawn_images); not read here
+            images_manifest={},
         )
         m = build_module(inp)
         m._trainer = SimpleNamespace(world_size=world)  # setup reads the world size from the trainer
