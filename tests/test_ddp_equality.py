@@ -45,7 +45,7 @@ RECOVER = {
 TEACHERS = (
     ("instance_norm", ["model.norm=instance"], True),
     # ghost BN (stage.bn_rows): groups of 4 rows, two per forward on one process, one per rank on two
-    ("batch_norm_bn_rows", ["model.tag=ghost", "dataset.recipe.squeeze.bn_rows=4"], True),
+    ("batch_norm_bn_rows", ["model.tag=ghost", "stage.bn_rows=4"], True),
     ("batch_norm", [], False),  # bn_rows 0: BN over each rank's 4 rows vs the 1-process 8 (torchvision's DDP recipes)
 )
 NO_NORM = ["student.arch=convnet_in", "+student.arch_knobs.width=8", "+student.arch_knobs.norm=none"]

@@ -21,7 +21,7 @@ from lpld.artifacts import stats, teacher
 from lpld.artifacts.base import dataset_name, plain_name, root, sign, under
 from lpld.config.frozen import Experiment, once, select
 from lpld.core.images import MANIFEST, list_pngs, read_manifest
-from lpld.core.io import ArtifactError, acquire_lock, atomic_write_json, move_aside
+from lpld.core.io import ArtifactError, acquire_lock, atomic_write_json, move_aside, release_lock
 from lpld.core.recover_job import RecoverJob, base_manifest
 
 
@@ -131,7 +131,8 @@ def verify(exp: Experiment) -> None:
 def prepare(job: RecoverJob, overwrite: bool) -> str:
     """The producer's decision for ``job.out_dir`` (stage=recover, rank 0): 'fresh', 'resume' or 'done'.
 
-    Takes the folder's OS lock (released when the images are complete, or at exit); a folder of another config
+    Takes the folder's OS lock (released here when they are already complete, else when they are written, or at
+    exit); a folder of another config
     is refused unless ``overwrite``, which moves it aside until the new images are complete.
 
     Raises:
@@ -162,6 +163,8 @@ def prepare(job: RecoverJob, overwrite: bool) -> str:
     else:
         move_aside(out)  # kept as <folder>.replaced until the new images are complete (finalize_manifest)
         state = "fresh"
+    if state == "done":
+        release_lock(out)  # nothing to write: a long-lived process (a multirun sweep) must not keep others waiting
     if state == "fresh":
         out.mkdir(parents=True, exist_ok=True)
         man = base_manifest(job)

@@ -145,3 +145,25 @@ def test_under_slurm_a_second_writer_waits_for_the_first_by_default(tmp_path, mo
         release_lock(target)
     waits = [r.getMessage() for r in caplog.records if "waiting for distilled images" in r.getMessage()]
     assert waits and f"pid {p.pid}" in waits[0] and "s so far" in waits[0]
+
+
+def test_finished_images_release_their_lock_at_once(tmp_path):
+    """Issue 19: a multirun process that reuses finished images must not hold their lock for the rest of the sweep
+    (a second process of the same sweep waited on it for its whole lifetime)."""
+    import fcntl
+    import json
+    from types import SimpleNamespace
+
+    from lpld.artifacts import images as images_artifact
+
+    out = tmp_path / "images" / "lpld_ipc10_seed0_abc"
+    out.mkdir(parents=True)
+    (out / images_artifact.MANIFEST).write_text(json.dumps({"config_fingerprint": "abc", "complete": True}))
+    assert images_artifact.prepare(SimpleNamespace(out_dir=str(out), config_fingerprint="abc"), False) == "done"
+    with open(lock_path(out), "a+") as f:  # another open file: flock conflicts with a lock this process still holds
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (out / images_artifact.MANIFEST).write_text(json.dumps({"config_fingerprint": "abc", "complete": False}))
+    assert images_artifact.prepare(SimpleNamespace(out_dir=str(out), config_fingerprint="abc"), False) == "resume"
+    with open(lock_path(out), "a+") as f, pytest.raises(BlockingIOError):  # a writer keeps it
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release_lock(out)
