@@ -350,3 +350,23 @@ def test_squeeze_bn_rows_groups_the_teacher_and_keeps_old_fingerprints():
     bad = ClassifierModule({"name": "convnet", "width": 8, "depth": 2}, 4, 1, 8, optim={**st, "bn_rows": 3})
     with pytest.raises(ConfigError, match="stage.bn_rows=3"):
         bad.setup("fit")
+
+
+def test_interleaved_groups_are_the_round_robin_ranks():
+    """interleave=True (squeeze: EpochShardSampler deals rows to ranks round-robin): group g = rows g::G, so one
+    process with G groups computes, row for row, what G ranks with plain BatchNorm compute on x[r::G]."""
+    from lpld.core.ghost_bn import convert_ghost_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 4, 4, dtype=torch.float64)
+    bn = convert_ghost_bn(nn.BatchNorm2d(3).double(), 3, "first", interleave=True)
+    ref = nn.BatchNorm2d(3).double()
+    y = bn.train()(x)
+    for r in range(3):  # "rank" r: plain BN over its rows
+        torch.testing.assert_close(y[r::3], F.batch_norm(x[r::3], None, None, ref.weight, ref.bias, True, 0.0, 1e-5))
+    ranks0 = nn.BatchNorm2d(3).double().train()
+    ranks0(x[0::3])  # rank 0's buffers survive (DDP broadcast): the first group is rows 0, 3, 6, 9
+    torch.testing.assert_close(bn.running_mean, ranks0.running_mean)
+    torch.testing.assert_close(bn.running_var, ranks0.running_var)
+    contiguous = convert_ghost_bn(nn.BatchNorm2d(3).double(), 3, "first").train()(x)
+    assert not torch.allclose(contiguous, y)  # the two groupings differ: the test can fail

@@ -48,6 +48,9 @@ class _GhostMixin:
 
     groups: int = 1
     running: str = "first"
+    # rows of group g: contiguous pieces (False: DataParallel's scatter, the student's rank_rows) or every
+    # groups-th row from g (True: squeeze's EpochShardSampler deals the epoch order to ranks round-robin)
+    interleave: bool = False
 
     def _momentum_factor(self) -> float:
         """The running-update weight of this training forward, counting it in ``num_batches_tracked`` (as
@@ -64,6 +67,13 @@ class _GhostMixin:
         if not self.training or self.groups <= 1:
             return super().forward(x)  # type: ignore[misc]
         self._check_input_dim(x)  # type: ignore[attr-defined]
+        perm = None
+        if self.interleave:  # group g = rows g, g + G, g + 2G, ...: gather each group contiguous, scatter back after
+            n = x.shape[0]
+            if n % self.groups:
+                raise ConfigError(f"interleaved ghost BatchNorm: {n} rows do not split into {self.groups} groups")
+            perm = torch.arange(n, device=x.device).view(n // self.groups, self.groups).t().reshape(-1)
+            x = x.index_select(0, perm)
         size = -(-x.shape[0] // self.groups)
         pieces = x.split(size)
         tracked = self.track_running_stats and self.running_mean is not None
@@ -85,7 +95,10 @@ class _GhostMixin:
         ]
         if tracked and self.running == "mean":
             self._mean_update(pieces, factor)
-        return torch.cat(out)
+        y = torch.cat(out)
+        if perm is not None:
+            y = torch.empty_like(y).index_copy(0, perm, y)
+        return y
 
     @torch.no_grad()
     def _mean_update(self, pieces: tuple[torch.Tensor, ...], factor: float) -> None:
@@ -101,7 +114,8 @@ class _GhostMixin:
         rv.mul_(1.0 - factor).add_(torch.stack(vars_).mean(0).to(rv.dtype), alpha=factor)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, groups={self.groups}, running={self.running}"  # type: ignore[misc]
+        inter = ", interleave=True" if self.interleave else ""
+        return f"{super().extra_repr()}, groups={self.groups}, running={self.running}{inter}"  # type: ignore[misc]
 
 
 class GhostBatchNorm1d(_GhostMixin, nn.BatchNorm1d):
@@ -160,7 +174,9 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def convert_ghost_bn(model: nn.Module, groups: int, running: str = "first", key: str = "student.bn_rows") -> nn.Module:
+def convert_ghost_bn(
+    model: nn.Module, groups: int, running: str = "first", key: str = "student.bn_rows", interleave: bool = False
+) -> nn.Module:
     """Replace every BatchNorm layer of ``model`` by its ghost version with ``groups`` groups per training forward.
 
     The new layers hold the *same* parameter and buffer tensors (an optimizer built before keeps working, the
@@ -171,6 +187,8 @@ def convert_ghost_bn(model: nn.Module, groups: int, running: str = "first", key:
         groups: row groups per training forward (rows per forward / BN rows per group).
         running: whose statistics update the running buffers: ``first`` (DataParallel / DDP) | ``mean``.
         key: the config key named in errors.
+        interleave: group g holds rows g, g + groups, ... (a round-robin shard of the rows over ranks) instead of
+            the g-th contiguous piece.
 
     Raises:
         ConfigError: an unknown ``running`` rule, ``groups < 1``, or a BatchNorm layer that is not plain.
@@ -190,7 +208,7 @@ def convert_ghost_bn(model: nn.Module, groups: int, running: str = "first", key:
         new.weight, new.bias = old.weight, old.bias
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(new, buf, getattr(old, buf))
-        new.groups, new.running = int(groups), str(running)
+        new.groups, new.running, new.interleave = int(groups), str(running), bool(interleave)
         new.train(old.training)
         model = _swap(model, name, new)
     return model

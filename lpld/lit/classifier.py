@@ -48,7 +48,8 @@ class ClassifierModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Ghost BN (``optim["bn_rows"]``, squeeze's ``stage.bn_rows``): each rank's forward of batch / W rows is
-        normalised in groups of bn_rows rows, so the teacher's BatchNorm sees the same rows at any world size W."""
+        normalised in groups of bn_rows rows, so the teacher's BatchNorm sees the same rows at any world size W
+        (interleaved groups, as the sampler shards)."""
         rows = int(self.hparams.optim.get("bn_rows") or 0)
         if not rows or getattr(self, "_bn_applied", False):
             return
@@ -57,7 +58,9 @@ class ClassifierModule(L.LightningModule):
         world = int(self.trainer.world_size) if self._trainer is not None else 1
         per_rank = int(self.hparams.optim["batch_size"]) // world
         groups = ghost_groups(rows, per_rank, "stage.bn_rows")
-        self.model = convert_ghost_bn(self.model, groups, "first", "stage.bn_rows")
+        # EpochShardSampler deals each global batch's rows to ranks round-robin: rank r holds rows r, r + W, ... of it,
+        # so the groups interleave (group g = rows g, g + G, ...) and G groups on one process are the W ranks' groups
+        self.model = convert_ghost_bn(self.model, groups, "first", "stage.bn_rows", interleave=True)
         self._bn_applied = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
