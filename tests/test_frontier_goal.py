@@ -78,3 +78,14 @@ def test_no_1x_store_no_goal():
 @pytest.mark.parametrize("mode", ["mrq", "msq"])
 def test_lowbit_codecs_are_not_lpqld(mode):
     assert not is_lpqld(_row("10x", "q", 0.5, 1, 1, mode=mode))
+
+
+def test_a_store_slightly_over_the_budget_by_its_overhead_counts():
+    """The 40x store weighs 1/40 of the 1x plus its fixed headers: it is LPQLD's point at the 1/40 budget."""
+    rows = [dict(r) for r in ROWS]
+    rows[1]["records"] = 210  # fp16 40x: 1010 B, 1 % over 1000
+    (res,) = goal(rows)
+    assert res.budgets[0].lpqld == 0.60 and res.x40_acc == 0.60
+    rows[1]["records"] = 230  # 3 % over: outside
+    (res,) = goal(rows)
+    assert res.budgets[0].lpqld == 0.55

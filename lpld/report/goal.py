@@ -13,7 +13,8 @@ Contenders, among the rows of one ipc on the same distilled images (``method``):
 * **lpld**: every row on those images (any codec, seed-replayed records, generator, online teacher, hard labels,
   HALD / GIFT).
 
-At a budget b the best of a family is the highest mean accuracy among its rows with bytes <= b. The budgets
+At a budget b the best of a family is the highest mean accuracy among its rows with bytes <= b (up to
+``BUDGET_SLACK``: a store's fixed overhead). The budgets
 checked are 1/40 of the 1x store and every LPQLD row's own bytes below it (where LPQLD's best changes). The goal
 holds when lpld's best beats LPQLD's by >= ``margin`` (1 point) at each budget where LPQLD has a row, and some
 lpld row reaches LPQLD-x40's accuracy (LPQLD's best at the 1/40 budget) with <= 1/4 of that row's bytes.
@@ -26,6 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LPQLD_CODECS = ("none", "mr", "ms")
+# A store carries fixed bytes besides its per-crop arrays (.npy headers, the batch index, per-batch CRCs), so the 40x
+# store of a schedule weighs slightly more than 1/40 of the 1x store (CIFAR-10 IPC10: 8.30 vs 8.28 kB). A row is
+# within a budget up to this factor, the tolerance of the store accounting itself (disk / accounting <= 1.02).
+BUDGET_SLACK = 1.02
 
 
 def shipped(row: Mapping[str, Any]) -> float:
@@ -91,7 +96,7 @@ def _label(row: Mapping[str, Any]) -> str:
 
 
 def _best(rows: Sequence[Mapping[str, Any]], budget: float, value: str) -> Mapping[str, Any] | None:
-    within = [r for r in rows if shipped(r) <= budget * (1 + 1e-9)]
+    within = [r for r in rows if shipped(r) <= budget * BUDGET_SLACK]
     return max(within, key=lambda r: r[value]) if within else None
 
 
@@ -108,7 +113,7 @@ def goal(rows: Sequence[Mapping[str, Any]], value: str = "top1", margin: float =
         lpqld = [r for r in group if is_lpqld(r)]
         res = GoalResult(method, ipc, b1)
         cap = b1 / 40
-        budgets = sorted({cap, *(shipped(r) for r in lpqld if shipped(r) <= cap * (1 + 1e-9))}, reverse=True)
+        budgets = sorted({cap, *(shipped(r) for r in lpqld if shipped(r) <= cap)}, reverse=True)
         for b in budgets:
             ours, theirs = _best(group, b, value), _best(lpqld, b, value)
             res.budgets.append(
@@ -126,7 +131,7 @@ def goal(rows: Sequence[Mapping[str, Any]], value: str = "top1", margin: float =
         x40 = _best(lpqld, cap, value)
         if x40 is not None:
             res.x40, res.x40_acc, res.x40_bytes = _label(x40), float(x40[value]), shipped(x40)
-            match = [r for r in group if r[value] >= x40[value] and shipped(r) <= shipped(x40) / 4]
+            match = [r for r in group if r[value] >= x40[value] and shipped(r) <= shipped(x40) / 4 * BUDGET_SLACK]
             if match:
                 res.match_x40 = _label(min(match, key=shipped))
         out.append(res)
