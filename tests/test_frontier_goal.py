@@ -73,6 +73,7 @@ def test_goal_fails_when_a_margin_is_short():
 def test_no_1x_store_no_goal():
     assert goal([r for r in ROWS if r["prune"] != "1x" or r["label_recipe"] != "soft"]) == []
     assert goal_markdown([]) == ""
+    assert goal([ROWS[0]]) == []  # a 1x store alone (random real images): nothing of LPQLD's to compare with
 
 
 @pytest.mark.parametrize("mode", ["mrq", "msq"])
