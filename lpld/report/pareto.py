@@ -71,11 +71,25 @@ def _disambiguate(labels: dict[tuple, str], groups: dict[tuple, str], idents: di
     for keys in seen.values():
         if len(keys) < 2:
             continue
-        fields = sorted({f for k in keys for f in idents[k]})
-        differing = [f for f in fields if len({idents[k].get(f) for k in keys}) > 1]
+        # the differing leaves (student.loss=gift, not the whole student mapping): a label stays a few words
+        flat = {k: _leaves({f: _json_value(v) for f, v in idents[k].items()}) for k in keys}
+        fields = sorted({f for k in keys for f in flat[k]})
+        # fields every configuration sets (a knob only one of them has, e.g. generator_width, is named by its family)
+        shared = [f for f in fields if all(flat[k].get(f) is not None for k in keys)]
+        differing = [f for f in shared if len({json.dumps(flat[k].get(f), sort_keys=True) for k in keys}) > 1]
         for k in keys:
-            extra = " ".join(f"{f}={display(_json_value(idents[k].get(f)))}" for f in differing)
+            extra = " ".join(f"{f.rsplit('.', 1)[-1]}={display(flat[k].get(f))}" for f in differing)
             labels[k] = f"{labels[k]} {extra}".strip()
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted path: leaf value} (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _json_value(canonical: str | None) -> Any:
@@ -106,6 +120,13 @@ def pareto_points(
         parts = [(f, display(get_field(rec, f))) for f in label_fields if get_field(rec, f, None) is not None]
         # "IPC10 40x mr" -- a default ("none" quantization) is left out to keep the annotations short
         labels[key] = " ".join(f"IPC{v}" if f == "ipc" else v for f, v in parts if v != "none")
+        from lpld.report.frontier import label_recipe
+
+        recipe = label_recipe(rec)  # "online", "hard", "soft hald", ...: the label family, before any field diff
+        if recipe != "soft":
+            labels[key] += f" {recipe}"
+        if get_field(rec, "relabel.record_mode", "explicit") == "seed":
+            labels[key] += " seed-rec"
         groups[key] = display(get_field(rec, group, "?"))
         # a hard-label student of a soft store is a hard point, whatever the store's codec
         # an online teacher / a label generator is its own family (no store; the model's bytes are counted)
