@@ -166,6 +166,16 @@ def _plain_bn_layers(model: nn.Module, key: str) -> list[str]:
     return names
 
 
+def _sharing(old: nn.Module, kinds: dict[type, type]) -> nn.Module:
+    """A ``kinds[type(old)]`` layer holding ``old``'s very parameter and buffer tensors, in ``old``'s train mode."""
+    new = kinds[type(old)](old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, device="meta")
+    new.weight, new.bias = old.weight, old.bias
+    for buf in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, buf, getattr(old, buf))
+    new.train(old.training)
+    return new
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     if not name:
         return new
@@ -201,15 +211,8 @@ def convert_ghost_bn(
     if groups == 1:
         return model
     for name in names:
-        old = model.get_submodule(name) if name else model
-        new = _GHOST[type(old)](
-            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, device="meta"
-        )
-        new.weight, new.bias = old.weight, old.bias
-        for buf in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(new, buf, getattr(old, buf))
+        new = _sharing(model.get_submodule(name) if name else model, _GHOST)
         new.groups, new.running, new.interleave = int(groups), str(running), bool(interleave)
-        new.train(old.training)
         model = _swap(model, name, new)
     return model
 
@@ -310,15 +313,8 @@ def convert_cross_rank_bn(
     names = _plain_bn_layers(model, key)
     group, _ = dist.new_subgroups(group_size=int(span))
     for name in names:
-        old = model.get_submodule(name) if name else model
-        new = _CROSS[type(old)](
-            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, device="meta"
-        )
-        new.weight, new.bias = old.weight, old.bias
-        for buf in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(new, buf, getattr(old, buf))
+        new = _sharing(model.get_submodule(name) if name else model, _CROSS)
         new.running, new.process_group, new.world_group = str(running), group, dist.group.WORLD
-        new.train(old.training)
         model = _swap(model, name, new)
     return model
 
