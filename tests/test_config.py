@@ -253,7 +253,7 @@ def test_resolve_gives_the_sections_a_stage_reads():
     assert spec["stage"] == "student" and spec["ipc"] == 10
     assert spec["student"]["epochs"] == 80 and spec["relabel"]["batch_size"] == 32 and spec["squeeze"] is None
     json.dumps(spec)  # plain python
-    assert resolve(compose_cfg(["stage=squeeze"])).squeeze["epochs"] == 8
+    assert resolve(compose_cfg(["stage=squeeze"])).squeeze["epochs"] == 6  # conf/dataset/demo.yaml
 
 
 def test_wandb_run_groups_by_pipeline_with_stage_job_type_and_resolved_config(monkeypatch, tmp_path):
