@@ -120,13 +120,13 @@ def bn_settings(cfg: Any, k: Knobs, man: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"bn_rows": rows, "bn_running": running} if rows else {}
     out.update({"sync_bn": True} if sync else {})
     from lpld.config.relabel import relabel_settings
-    from lpld.dist import planned_world_size
+    from lpld.config.student_run import world_size
 
     batch = man.get("batch_size") or relabel_settings(cfg)["batch_size"]
     if batch is not None:
         trainer = cfg.get("trainer")
         accel = str(node_get(trainer, "accelerator") or "cpu")
-        bn_layout(out, int(batch), int(k.get("accumulate")), planned_world_size(cfg), accel)
+        bn_layout(out, int(batch), int(k.get("accumulate")), world_size(cfg), accel)
     return out
 
 

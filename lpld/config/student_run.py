@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lpld.config.compose import group_option
-from lpld.config.frozen import Experiment
+from lpld.config.frozen import Experiment, once
 from lpld.config.student import metric_settings
 
 
@@ -74,8 +74,10 @@ def store_config(cfg: Experiment) -> Experiment:
     return with_prune(cfg, m["source_prune"]) if m["name"] != "random" else cfg
 
 
+@once
 def world_size(cfg: Experiment) -> int:
-    """Processes the trainer preset will run (devices x nodes; devices=-1 means every visible GPU)."""
+    """Processes the trainer preset will run (devices x nodes; devices=-1 means every visible GPU); once per
+    experiment (the student's record, run key and BatchNorm layout all ask)."""
     from lpld.dist import planned_world_size
 
     return planned_world_size(cfg)
